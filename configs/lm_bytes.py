@@ -1,0 +1,45 @@
+"""A byte-level causal LM on the embedded corpus: the Python standard library's sources.
+
+    python train.py --config configs/lm_bytes.py --workdir workdirs/lm_relu
+    python eval.py  --config configs/lm_bytes.py --workdir workdirs/lm_relu
+    python train.py --config configs/lm_bytes.py:attention=softmax --workdir workdirs/lm_softmax
+
+Point `data.source_dir` at any folder of text files to train on your own corpus
+(`--config.data.source_dir=/path --config.data.glob='*.txt'`).
+"""
+
+from zoo.config import attention_options_from_arg, parse_arg
+
+_ARGS = dict(attention="relu", total_steps=2000, batch_size=32, seq_len=128, width=128,
+             depth=4, num_heads=4, lr=2e-3, dtype="float32")
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, **_ARGS)
+  config = parse_arg(None)
+  config.seed = 0
+  config.task = "lm"
+
+  config.data = dict(name="byte_text", data_dir=None, source_dir=None, glob="*.py",
+                     seq_len=arg.seq_len)
+
+  config.model = dict(
+      name="lm",
+      width=arg.width, depth=arg.depth, num_heads=arg.num_heads, mlp_dim=4 * arg.width,
+      max_len=arg.seq_len, vocab_size=256, posemb="learn", tied_embedding=True,
+      attention=arg.attention,
+      attention_options=attention_options_from_arg(arg.attention, arg, set(_ARGS)),
+      dtype=arg.dtype,
+  )
+
+  config.batch_size = arg.batch_size
+  config.total_steps = arg.total_steps
+  config.optimizer = dict(lr=arg.lr, warmup_steps=100, min_lr_ratio=0.01,
+                          weight_decay=1e-4, b1=0.9, b2=0.98, grad_clip_norm=1.0)
+
+  config.log_every = 50
+  config.eval_every = 1000
+  config.eval_batches = 50  # periodic eval on a prefix of the validation split; eval.py runs all
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 3
+  return config

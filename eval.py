@@ -1,0 +1,37 @@
+"""Evaluate a trained model on the test split:
+`python eval.py --config FILE[:ARGS] --workdir DIR [--step N]`.
+
+Restores the newest checkpoint (or --step N) and evaluates every test example once. The
+last line on stdout is one JSON object: `accuracy` and `loss` for classification,
+`bits_per_byte` (and `loss` in nats) for the byte LM.
+"""
+
+import json
+import sys
+
+from absl import app, flags
+
+from zoo import cli
+
+_CONFIG, _WORKDIR = cli.define_flags(default_workdir=None)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: newest).")
+_SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from zoo import training  # pylint: disable=import-outside-toplevel
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or cli.default_workdir(flags.FLAGS["config"].config_filename)
+  try:
+    model, step = training.restore_model(config, workdir, _STEP.value)
+    metrics = training.evaluate(model, config, _SPLIT.value, progress=True)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps({"step": step, "split": _SPLIT.value, **metrics}), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

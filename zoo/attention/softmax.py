@@ -1,0 +1,45 @@
+"""Softmax attention: the baseline, through `jax.nn.dot_product_attention`.
+
+out_i = sum_j softmax_j(q_i . k_j / sqrt(d)) v_j   (Vaswani et al. 2017, Eq. 1).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from zoo.attention import masking
+from zoo.attention import registry
+from zoo.attention.heads import MultiHeadDotProductAttention
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                      mask: jax.Array | None = None) -> jax.Array:
+  """Scaled dot-product softmax attention.
+
+  Args:
+    q: `[batch, q_len, heads, head_dim]`.
+    k, v: `[batch, kv_len, heads, head_dim]`.
+    causal: query i attends to keys j <= i only.
+    mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`, True = attend.
+
+  Returns:
+    `[batch, q_len, heads, head_dim]` in q's dtype.
+  """
+  masking.check_qkv(q, k, v)
+  mask = masking.check_mask(mask, q, k)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+
+
+class SoftmaxAttention(MultiHeadDotProductAttention):
+  """Multi-head softmax attention with the shared projections (see `heads.py`)."""
+
+  def __init__(self, width: int, num_heads: int, *, causal: bool = False, **kwargs):
+    super().__init__(width, num_heads, causal=causal, **kwargs)
+
+  def attend(self, q, k, v, *, mask=None):
+    return softmax_attention(q, k, v, causal=self.causal, mask=mask)
+
+
+registry.register(
+    "softmax", SoftmaxAttention, supports_causal=True,
+    description="softmax(q.k/sqrt(d)) via jax.nn.dot_product_attention")

@@ -1,0 +1,90 @@
+"""Config helpers in big_vision's manner: `get_config(arg)` with `file.py:key=value,...`.
+
+`parse_arg("attention=softmax,steps=300", attention="relu", steps=1000)` returns a
+ConfigDict whose values take the type of the defaults. Keys that are not defaults are
+kept (parsed as Python literals when they look like one) so that config files can route
+them, e.g. into the chosen attention's options.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from typing import Any
+
+import ml_collections
+
+from zoo import attention as attention_lib
+
+_SHARED_OPTION_NAMES = ("width", "num_heads", "causal", "rngs", "dtype", "param_dtype")
+
+
+def _literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _cast(text: str, default: Any, key: str) -> Any:
+  if isinstance(default, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"config argument {key}={text!r} must be true or false")
+  if default is None:
+    return _literal(text)
+  try:
+    return type(default)(text)
+  except ValueError:
+    raise ValueError(f"config argument {key}={text!r} must be a {type(default).__name__}") from None
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'a=1,b=x' into a ConfigDict, typed by `defaults` (unknown keys kept)."""
+  result = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+      raise ValueError(f"config argument {item!r} is not of the form key=value")
+    result[key] = _cast(value.strip(), defaults[key], key) if key in defaults else _literal(value.strip())
+  return ml_collections.ConfigDict(result)
+
+
+def attention_option_defaults(name: str) -> dict[str, Any]:
+  """Every option the named attention accepts, with its default (the family's preset wins).
+
+  Config files fill `model.attention_options` with this so that any option can be set
+  with `--config.model.attention_options.NAME=VALUE`.
+  """
+  family = attention_lib.get(name)
+  options: dict[str, Any] = {}
+  for cls in reversed(inspect.getmro(family.module)):
+    init = vars(cls).get("__init__")
+    if init is None:
+      continue
+    for p in inspect.signature(init).parameters.values():
+      if p.kind is p.KEYWORD_ONLY and p.name not in _SHARED_OPTION_NAMES:
+        options[p.name] = None if p.default is p.empty else p.default
+  options.update(family.defaults)
+  return options
+
+
+def attention_options_from_arg(name: str, arg: ml_collections.ConfigDict,
+                               used: set[str]) -> dict[str, Any]:
+  """The attention's options with any `key=value` from the config argument applied.
+
+  Keys of `arg` that are neither in `used` (the config file's own keys) nor options of
+  the attention are an error, so a typo never passes silently.
+  """
+  options = attention_option_defaults(name)
+  extra = {k: v for k, v in arg.items() if k not in used}
+  unknown = set(extra) - set(options)
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {sorted(unknown)}: neither a config key "
+                     f"({sorted(used)}) nor an option of attention {name!r} "
+                     f"({sorted(options)})")
+  options.update(extra)
+  return options

@@ -1,0 +1,55 @@
+"""Backbones: `ViT` and the causal `DecoderLM`, both built on one transformer block."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+from flax import nnx
+
+from zoo import attention as attention_lib
+from zoo.models.lm import DecoderLM
+from zoo.models.transformer import Encoder, Encoder1DBlock, MlpBlock
+from zoo.models.vit import ViT, decode_variant
+
+MODELS = {"vit": ViT, "lm": DecoderLM}
+CAUSAL = {"vit": False, "lm": True}
+
+
+def _dtype(name):
+  if name is None or not isinstance(name, str):
+    return name
+  try:
+    return jnp.dtype(name)
+  except TypeError:
+    raise ValueError(f"unknown dtype {name!r}") from None
+
+
+def validate(model_config: Mapping[str, Any]) -> None:
+  """Checks a model config (name, attention and its options) before anything is built."""
+  name = model_config.get("name")
+  if name not in MODELS:
+    raise ValueError(f"model.name must be one of {sorted(MODELS)}, got {name!r}")
+  attention_lib.validate(model_config.get("attention", "softmax"),
+                         dict(model_config.get("attention_options") or {}),
+                         causal=CAUSAL[name])
+
+
+def create(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+  """Builds `ViT` or `DecoderLM` from a config dict (`name` plus constructor arguments)."""
+  validate(model_config)
+  kwargs = dict(model_config)
+  cls = MODELS[kwargs.pop("name")]
+  for key in ("dtype", "param_dtype"):
+    if key in kwargs:
+      kwargs[key] = _dtype(kwargs[key])
+  if "attention_options" in kwargs:
+    kwargs["attention_options"] = dict(kwargs["attention_options"] or {})
+  try:
+    return cls(**kwargs, rngs=rngs)
+  except TypeError as e:
+    raise ValueError(f"bad model config for {cls.__name__}: {e}") from None
+
+
+__all__ = ["ViT", "DecoderLM", "Encoder", "Encoder1DBlock", "MlpBlock", "create", "validate",
+           "decode_variant"]

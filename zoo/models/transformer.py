@@ -1,0 +1,86 @@
+"""The one pre-LayerNorm transformer block that both backbones use, with any attention.
+
+Attribute names follow big_vision's ViT (`Transformer/encoderblock_{i}/LayerNorm_0`,
+`MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0/Dense_{0,1}`,
+`Transformer/encoder_norm`) so that state paths equal the public checkpoints' names. The
+attention slot keeps the name `MultiHeadDotProductAttention_0` whatever family fills it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zoo import attention as attention_lib
+
+
+class MlpBlock(nnx.Module):
+  """Dense -> GELU -> dropout -> Dense, as big_vision (xavier kernels, N(0, 1e-6) biases)."""
+
+  def __init__(self, width: int, mlp_dim: int, *, dropout: float = 0.0, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+              kernel_init=nnx.initializers.xavier_uniform(),
+              bias_init=nnx.initializers.normal(stddev=1e-6))
+    self.Dense_0 = nnx.Linear(width, mlp_dim, **kw)
+    self.Dense_1 = nnx.Linear(mlp_dim, width, **kw)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jax.nn.gelu(self.Dense_0(x))
+    return self.Dense_1(self.dropout(x))
+
+
+class Encoder1DBlock(nnx.Module):
+  """x + attn(LN(x)), then x + mlp(LN(x)); returns the output and its intermediates."""
+
+  def __init__(self, width: int, mlp_dim: int, num_heads: int, *, attention: str,
+               attention_options: Mapping[str, Any] | None = None, causal: bool = False,
+               dropout: float = 0.0, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    ln = dict(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.LayerNorm_0 = nnx.LayerNorm(width, **ln)
+    self.MultiHeadDotProductAttention_0 = attention_lib.make(
+        attention, width=width, num_heads=num_heads, causal=causal, rngs=rngs, dtype=dtype,
+        param_dtype=param_dtype, **dict(attention_options or {}))
+    self.LayerNorm_1 = nnx.LayerNorm(width, **ln)
+    self.MlpBlock_0 = MlpBlock(width, mlp_dim, dropout=dropout, dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
+    out = {}
+    y = self.LayerNorm_0(x)
+    y = out["sa"] = self.MultiHeadDotProductAttention_0(y, mask=mask)
+    x = out["+sa"] = x + self.dropout(y)
+    y = out["mlp"] = self.MlpBlock_0(self.LayerNorm_1(x))
+    x = out["+mlp"] = x + self.dropout(y)
+    return x, out
+
+
+class Encoder(nnx.Module):
+  """`depth` blocks (`encoderblock_{i}`) and a final LayerNorm (`encoder_norm`)."""
+
+  def __init__(self, width: int, depth: int, mlp_dim: int, num_heads: int, *,
+               attention: str, attention_options: Mapping[str, Any] | None = None,
+               causal: bool = False, dropout: float = 0.0, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.depth = depth
+    for i in range(depth):
+      setattr(self, f"encoderblock_{i}", Encoder1DBlock(
+          width, mlp_dim, num_heads, attention=attention, attention_options=attention_options,
+          causal=causal, dropout=dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+    self.encoder_norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)
+
+  def blocks(self) -> list[Encoder1DBlock]:
+    return [getattr(self, f"encoderblock_{i}") for i in range(self.depth)]
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
+    out = {}
+    for i, block in enumerate(self.blocks()):
+      x, out[f"block{i:02d}"] = block(x, mask=mask)
+    out["pre_ln"] = x
+    return self.encoder_norm(x), out

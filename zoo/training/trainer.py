@@ -1,0 +1,335 @@
+"""The one trainer: config in, checkpoints and metrics in the workdir out.
+
+`train(config, workdir)` builds the model and optimiser, resumes from the newest
+checkpoint in the workdir (parameters, optimiser state and the data iterator's position),
+and runs to `config.total_steps` with a progress bar, JSONL + TensorBoard metrics,
+periodic evaluation and interval checkpoints. A non-finite loss stops the run before it
+can be checkpointed; SIGINT / SIGTERM save a checkpoint at the current step and stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from zoo import data as data_lib
+from zoo import models
+from zoo.training import checkpoint as ckpt_lib
+from zoo.training import optim
+from zoo.training import tasks
+
+
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or Inf."""
+
+
+def _to_dict(cfg) -> dict:
+  cfg = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+  return json.loads(json.dumps(cfg))  # the same form as after a checkpoint's JSON round trip
+
+
+def validate_config(config) -> None:
+  """Fails early, with the offending key named, before any data or model is built."""
+  for key in ("task", "data", "model", "batch_size", "total_steps", "optimizer"):
+    if key not in config:
+      raise ValueError(f"config.{key} is missing")
+  tasks.get(config.task)
+  models.validate(config.model)
+  want = {"classification": "vit", "lm": "lm"}[config.task]
+  if config.model.name != want:
+    raise ValueError(f"task {config.task!r} needs model.name={want!r}, got {config.model.name!r}")
+  if int(config.total_steps) <= 0 or int(config.batch_size) <= 0:
+    raise ValueError("config.total_steps and config.batch_size must be positive")
+  if int(config.batch_size) % jax.process_count():
+    raise ValueError(f"batch_size {config.batch_size} must divide by the process count "
+                     f"{jax.process_count()}")
+
+
+def create_model(config, seed: int | None = None) -> nnx.Module:
+  seed = int(config.get("seed", 0) if seed is None else seed)
+  return models.create(config.model, nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def _state_to_save(model, optimizer) -> dict:
+  """Parameters and optimiser state as plain nested dicts (stable across Flax versions)."""
+  return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+          "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+
+
+def _apply_state(model, optimizer, restored) -> None:
+  params = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(params, restored["params"])
+  nnx.update(model, params)
+  if optimizer is not None:
+    opt_state = nnx.state(optimizer)
+    nnx.replace_by_pure_dict(opt_state, restored["optimizer"])
+    nnx.update(optimizer, opt_state)
+
+
+def make_train_step(task: str):
+  loss_fn, _ = tasks.get(task)
+
+  @nnx.jit
+  def train_step(model, optimizer, batch, dropout_key):
+    nnx.reseed(model, dropout=dropout_key)
+    (loss, aux), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch), has_aux=True)(model)
+    optimizer.update(model, grads)
+    return loss, {**aux, "grad_norm": optax.global_norm(grads)}
+
+  return train_step
+
+
+def make_eval_step(task: str):
+  _, sums_fn = tasks.get(task)
+  return nnx.jit(lambda model, batch: sums_fn(model, batch))
+
+
+def evaluate(model, config, split: str, *, max_batches: int | None = None,
+             eval_step=None, progress: bool = False) -> dict:
+  """Evaluates `model` on `split` (one ordered pass; every example counted once)."""
+  eval_step = eval_step or make_eval_step(config.task)
+  batch_size = int(config.get("eval_batch_size", config.batch_size))
+  it = data_lib.make_iterator(config.data, split, batch_size=batch_size, train=False,
+                              seed=int(config.get("seed", 0)))
+  model.eval()
+  totals: dict[str, float] = {}
+  bar = tqdm(desc=f"eval {split}", unit="batch", disable=not progress, leave=False)
+  for i, batch in enumerate(it):
+    if max_batches is not None and i >= max_batches:
+      break
+    sums = jax.device_get(eval_step(model, batch))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+    bar.update()
+  bar.close()
+  model.train()
+  if not totals:
+    raise ValueError(f"split {split!r} of {config.data.name!r} gave no evaluation batches")
+  return tasks.finalize_eval(config.task, totals)
+
+
+class _MetricWriter:
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self._tb = None
+    if not enabled:
+      return
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      import tensorflow as tf  # pylint: disable=import-outside-toplevel
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # TensorBoard is optional
+      self._tb = None
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      with self._tb.as_default():
+        for k, v in scalars.items():
+          self._tf.summary.scalar(k, v, step=step)
+      self._tb.flush()
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+  """Turns SIGINT / SIGTERM into a flag the loop checks, so it can save and exit cleanly."""
+  stop = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield stop
+    return
+  previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+  def handler(signum, frame):
+    if stop.is_set():  # a second signal: give up at once
+      signal.signal(signum, previous[signum])
+      raise KeyboardInterrupt
+    stop.set()
+
+  for s in previous:
+    signal.signal(s, handler)
+  try:
+    yield stop
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def _eval_split(config) -> str:
+  return config.get("eval_split", "validation" if config.task == "lm" else "test")
+
+
+def train(config, workdir: str, *, stop_at_step: int | None = None,
+          progress: bool = True) -> dict[str, Any]:
+  """Trains from the newest checkpoint in `workdir` (or from scratch) to total_steps.
+
+  Args:
+    config: an ml_collections ConfigDict (see `configs/`).
+    workdir: checkpoints, `metrics.jsonl`, `tensorboard/` and `config.json` go here.
+    stop_at_step: stop early at this step, saving a checkpoint there, as a preemption
+      would (used to test resumption).
+    progress: show a tqdm progress bar.
+
+  Returns:
+    {"step": last step, "status": "done" | "interrupted", "eval": last eval metrics}.
+  """
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  model_config = _to_dict(config.model)
+  meta = {"model": model_config, "task": config.task, "data": config.data.name}
+  total_steps = int(config.total_steps)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, every=int(config.get("checkpoint_every", 1000)),
+                                       keep=int(config.get("keep_checkpoints", 3)))
+  start_step = checkpointer.latest_step() or 0
+  if start_step:  # refuse a different model before building anything
+    ckpt_lib.check_compatible(checkpointer.read_meta(start_step), model_config, config.task,
+                              checkpointer.directory)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(_to_dict(config), f, indent=1)
+
+  model = create_model(config)
+  tx = optim.make_optimizer(config.optimizer, total_steps)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
+  train_iter = data_lib.make_iterator(config.data, "train", batch_size=int(config.batch_size),
+                                      train=True, seed=int(config.get("seed", 0)))
+  if start_step:
+    abstract = jax.tree.map(ocp_abstract, _state_to_save(model, optimizer))
+    _apply_state(model, optimizer, checkpointer.restore(start_step, abstract, train_iter))
+
+  train_step = make_train_step(config.task)
+  eval_step = make_eval_step(config.task)
+  writer = _MetricWriter(workdir, enabled=is_main)
+  dropout_base = jax.random.key(int(config.get("seed", 0)) + 2)
+  log_every = int(config.get("log_every", 50))
+  eval_every = int(config.get("eval_every", 0))
+  eval_batches = config.get("eval_batches", None)
+  last_eval: dict = {}
+  status = "done"
+  step = start_step
+  last_good_step = start_step
+
+  bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+             disable=not (progress and is_main), dynamic_ncols=True)
+  window_loss, window_examples, window_start = [], 0, time.perf_counter()
+  pending = None  # (step, loss, aux) of the last step, read one step late to keep dispatch async
+
+  def check(entry):
+    nonlocal last_good_step
+    s, loss, aux = entry
+    loss = float(loss)
+    if not np.isfinite(loss):
+      raise NonFiniteLossError(
+          f"the training loss became {loss} at step {s}. Nothing after step "
+          f"{last_good_step} was checkpointed; the last good checkpoint "
+          f"({checkpointer.latest_step()}) is kept in {checkpointer.directory}. Try a lower "
+          f"optimizer.lr, more warmup, gradient clipping or float32 compute.")
+    last_good_step = s
+    return loss, {k: float(v) for k, v in aux.items()}
+
+  try:
+    with _stop_on_signals() as stop:
+      while step < total_steps:
+        batch = next(train_iter)
+        key = jax.random.fold_in(dropout_base, step)
+        loss, aux = train_step(model, optimizer, batch, key)
+        step += 1
+        if pending is not None:
+          lval, avals = check(pending)
+          window_loss.append(lval)
+        pending = (step, loss, aux)
+        window_examples += tasks.example_count(config.task, batch)
+
+        stopping = stop.is_set() or (stop_at_step is not None and step >= stop_at_step)
+        save_now = stopping or step == total_steps or step % checkpointer.every == 0
+        if save_now or step % log_every == 0:
+          lval, avals = check(pending)  # synchronous: never checkpoint an unchecked state
+          window_loss.append(lval)
+          pending = None
+        if step % log_every == 0 or step == total_steps:
+          elapsed = time.perf_counter() - window_start
+          scalars = {"train/loss": float(np.mean(window_loss)), "train/lr": float(schedule(step - 1)),
+                     **{f"train/{k}": v for k, v in avals.items()},
+                     "train/examples_per_sec": window_examples / max(elapsed, 1e-9)}
+          writer.write(step, scalars)
+          bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
+                          ex_s=f"{scalars['train/examples_per_sec']:.0f}")
+          window_loss, window_examples, window_start = [], 0, time.perf_counter()
+        if eval_every and (step % eval_every == 0 or step == total_steps):
+          last_eval = evaluate(model, config, _eval_split(config), max_batches=eval_batches,
+                               eval_step=eval_step)
+          writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
+          bar.write(f"step {step}: eval {json.dumps(last_eval)}")
+        if save_now:
+          checkpointer.save(step, _state_to_save(model, optimizer), train_iter, meta,
+                            force=stopping or step == total_steps)
+        bar.update()
+        if stopping and step < total_steps:
+          status = "interrupted"
+          bar.write(f"stopped at step {step}; checkpoint saved in {checkpointer.directory}. "
+                    f"Run the same command again to resume.")
+          break
+  finally:
+    bar.close()
+    checkpointer.close()
+    writer.close()
+  return {"step": step, "status": status, "eval": last_eval}
+
+
+def ocp_abstract(x):
+  """An abstract array (shape, dtype, sharding) to restore onto."""
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  return x
+
+
+def restore_model(config, workdir: str, step: int | None = None):
+  """The model from the workdir's checkpoint at `step` (default: newest), in eval mode."""
+  validate_config(config)
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}; train first with "
+                              f"`python train.py --config ... --workdir {workdir}`")
+    step = max(steps) if step is None else int(step)
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint at step {step} in {checkpointer.directory}; "
+                              f"available steps: {steps}")
+    ckpt_lib.check_compatible(checkpointer.read_meta(step), _to_dict(config.model),
+                              config.task, checkpointer.directory)
+    model = create_model(config)
+    abstract = jax.tree.map(ocp_abstract, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))})
+    # Parameters only: evaluation needs no optimiser state.
+    _apply_state(model, None, checkpointer.restore(step, abstract, partial=True))
+  finally:
+    checkpointer.close()
+  model.eval()
+  return model, step
