@@ -9,7 +9,7 @@ last line on stdout is one JSON object: `accuracy` and `loss` for classification
 import json
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from zoo import cli
 
@@ -21,6 +21,7 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
   from zoo import training  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   workdir = _WORKDIR.value or cli.default_workdir(flags.FLAGS["config"].config_filename)

@@ -7,7 +7,7 @@ newest one; Ctrl-C (or SIGTERM) saves a checkpoint and stops; run again to conti
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from zoo import cli
 
@@ -17,6 +17,7 @@ _CONFIG, _WORKDIR = cli.define_flags(default_workdir=None)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
   from zoo import training  # pylint: disable=import-outside-toplevel  (after flag parsing)
   workdir = _WORKDIR.value or cli.default_workdir(flags.FLAGS["config"].config_filename)
   print(f"workdir: {workdir}", flush=True)

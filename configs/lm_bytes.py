@@ -8,7 +8,7 @@ Point `data.source_dir` at any folder of text files to train on your own corpus
 (`--config.data.source_dir=/path --config.data.glob='*.txt'`).
 """
 
-from zoo.config import attention_options_from_arg, parse_arg
+from zoo.config import attention_options_from_arg, overridable, parse_arg
 
 _ARGS = dict(attention="relu", total_steps=2000, batch_size=32, seq_len=128, width=128,
              depth=4, num_heads=4, lr=2e-3, dtype="float32")
@@ -20,8 +20,8 @@ def get_config(arg=None):
   config.seed = 0
   config.task = "lm"
 
-  config.data = dict(name="byte_text", data_dir=None, source_dir=None, glob="*.py",
-                     seq_len=arg.seq_len)
+  config.data = dict(name="byte_text", data_dir=overridable(None, str),
+                     source_dir=overridable(None, str), glob="*.py", seq_len=arg.seq_len)
 
   config.model = dict(
       name="lm",

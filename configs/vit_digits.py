@@ -9,7 +9,7 @@ Any option of the chosen attention can be given in the argument string
 (`zoo.config.attention_option_defaults(name)` lists them).
 """
 
-from zoo.config import attention_options_from_arg, parse_arg
+from zoo.config import attention_options_from_arg, overridable, parse_arg
 
 _ARGS = dict(attention="relu", total_steps=1500, batch_size=128, lr=1e-3, dtype="float32")
 
@@ -20,7 +20,7 @@ def get_config(arg=None):
   config.seed = 0
   config.task = "classification"
 
-  config.data = dict(name="digits", data_dir=None)
+  config.data = dict(name="digits", data_dir=overridable(None, str))
 
   config.model = dict(
       name="vit",

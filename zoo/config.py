@@ -13,6 +13,7 @@ import inspect
 from typing import Any
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from zoo import attention as attention_lib
 
@@ -87,4 +88,10 @@ def attention_options_from_arg(name: str, arg: ml_collections.ConfigDict,
                      f"({sorted(used)}) nor an option of attention {name!r} "
                      f"({sorted(options)})")
   options.update(extra)
-  return options
+  return {k: overridable(v) for k, v in options.items()}
+
+
+def overridable(value: Any, kind: type = object) -> Any:
+  """None as a field that `--config.x=VALUE` can still set (ml_collections cannot
+  override a plain None); other values as they are."""
+  return placeholder(kind) if value is None else value

@@ -1,6 +1,6 @@
 """Orbax checkpoints in MaxText's manner: one `CheckpointManager` per workdir holding
 
-* `state`: model parameters and optimiser state (`StandardSave`, async),
+* `state`: model parameters and optimiser state (`PyTreeSave`, async),
 * `data_iter`: each process's grain iterator state (`grain.checkpoint.CheckpointHandler`,
   one JSON file per process), so a resumed run reads exactly the batches it would have,
 * `meta`: the model config and task, checked before a run resumes from the workdir.
@@ -54,7 +54,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                        "data_iter": grain.checkpoint.CheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
 
@@ -66,7 +66,7 @@ class Checkpointer:
 
   def save(self, step: int, state, data_iter, meta: dict, *, force: bool = False) -> bool:
     """Saves if the interval policy says so (or `force`); returns whether it saved."""
-    args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    args = {"state": ocp.args.PyTreeSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iter is not None:
       args["data_iter"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
@@ -80,7 +80,9 @@ class Checkpointer:
     `partial=True` restores only the subtree that `abstract_state` names (e.g. the
     parameters without the optimiser state).
     """
-    args = {"state": ocp.args.StandardRestore(abstract_state, strict=not partial)}
+    args = {"state": ocp.args.PyTreeRestore(
+        item=abstract_state, partial_restore=partial,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     if data_iter is not None:
       args["data_iter"] = grain.checkpoint.CheckpointRestore(_IteratorSnapshot(data_iter))
     return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]

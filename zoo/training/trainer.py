@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorboardX
 from flax import nnx
 from tqdm import tqdm
 
@@ -87,7 +88,7 @@ def make_train_step(task: str):
     nnx.reseed(model, dropout=dropout_key)
     (loss, aux), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch), has_aux=True)(model)
     optimizer.update(model, grads)
-    return loss, {**aux, "grad_norm": optax.global_norm(grads)}
+    return loss, {**aux, "grad_norm": optax.tree.norm(grads)}
 
   return train_step
 
@@ -130,29 +131,21 @@ class _MetricWriter:
     if not enabled:
       return
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    try:
-      import tensorflow as tf  # pylint: disable=import-outside-toplevel
-      self._tf = tf
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-    except ImportError:  # TensorBoard is optional
-      self._tb = None
+    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self._jsonl.flush()
-    if self._tb is not None:
-      with self._tb.as_default():
-        for k, v in scalars.items():
-          self._tf.summary.scalar(k, v, step=step)
-      self._tb.flush()
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, global_step=step)
+    self._tb.flush()
 
   def close(self):
     if self.enabled:
       self._jsonl.close()
-      if self._tb is not None:
-        self._tb.close()
+      self._tb.close()
 
 
 @contextlib.contextmanager
@@ -237,7 +230,7 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
   last_good_step = start_step
 
   bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-             disable=not (progress and is_main), dynamic_ncols=True)
+             disable=not (progress and is_main), dynamic_ncols=True, mininterval=1.0)
   window_loss, window_examples, window_start = [], 0, time.perf_counter()
   pending = None  # (step, loss, aux) of the last step, read one step late to keep dispatch async
 
