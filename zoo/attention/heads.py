@@ -70,11 +70,13 @@ class MultiHeadDotProductAttention(nnx.Module):
     raise NotImplementedError
 
   def __call__(self, x: jax.Array, *, inputs_kv: jax.Array | None = None,
-               mask: jax.Array | None = None) -> jax.Array:
+               mask: jax.Array | None = None, grid=None) -> jax.Array:
     """Self-attention over `x` `[batch, length, width]` (or cross-attention to `inputs_kv`).
 
     `mask`: boolean, broadcastable to `[batch, heads, q_len, kv_len]`; True = attend.
+    `grid`: the ViT's (rows, cols) patch grid, unused by these families.
     """
+    del grid
     inputs_kv = x if inputs_kv is None else inputs_kv
     q, k, v = self.query(x), self.key(inputs_kv), self.value(inputs_kv)
     if self.query_ln is not None:

@@ -7,7 +7,14 @@ A family registers its `nnx.Module` class once, in its own file:
 and the backbones build it with `registry.make(name, width=..., num_heads=..., causal=...,
 rngs=..., **options)`. Every module class takes `(width, num_heads, *, causal, rngs,
 dtype, param_dtype, **family_options)` and is called as `module(x, mask=...)` on
-`[batch, length, width]` inputs.
+`[batch, length, width]` inputs, returning `[batch, length, width]`:
+
+    module(x, *, mask=None, grid=None)
+
+`mask` is boolean, broadcastable to `[batch, heads, q_len, kv_len]` (True = attend);
+`grid` is the ViT's (rows, cols) patch grid when x holds exactly the patch tokens in
+row-major order (for families with 2-D operators, e.g. AFT-conv, SOFT's landmarks), and
+None in the LM or when a class token is present.
 """
 
 from __future__ import annotations

@@ -50,10 +50,11 @@ class Encoder1DBlock(nnx.Module):
                                param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               grid: tuple[int, int] | None = None):
     out = {}
     y = self.LayerNorm_0(x)
-    y = out["sa"] = self.MultiHeadDotProductAttention_0(y, mask=mask)
+    y = out["sa"] = self.MultiHeadDotProductAttention_0(y, mask=mask, grid=grid)
     x = out["+sa"] = x + self.dropout(y)
     y = out["mlp"] = self.MlpBlock_0(self.LayerNorm_1(x))
     x = out["+mlp"] = x + self.dropout(y)
@@ -78,9 +79,12 @@ class Encoder(nnx.Module):
   def blocks(self) -> list[Encoder1DBlock]:
     return [getattr(self, f"encoderblock_{i}") for i in range(self.depth)]
 
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None):
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               grid: tuple[int, int] | None = None):
+    """`grid`: the (rows, cols) patch grid when x holds exactly the ViT's patch tokens in
+    row-major order (families with 2-D operators use it); None otherwise."""
     out = {}
     for i, block in enumerate(self.blocks()):
-      x, out[f"block{i:02d}"] = block(x, mask=mask)
+      x, out[f"block{i:02d}"] = block(x, mask=mask, grid=grid)
     out["pre_ln"] = x
     return self.encoder_norm(x), out

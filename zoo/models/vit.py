@@ -163,7 +163,7 @@ class ViT(nnx.Module):
     if self.pool_type == "tok":
       x = jnp.concatenate([jnp.tile(self.cls[...].astype(x.dtype), (n, 1, 1)), x], axis=1)
     x = self.dropout(x)
-    x, out["encoder"] = self.Transformer(x)
+    x, out["encoder"] = self.Transformer(x, grid=None if self.pool_type == "tok" else (h, w))
     encoded = out["encoded"] = x
     if self.pool_type == "map":
       x = self.MAPHead_0(x)
