@@ -10,8 +10,8 @@ Point `data.source_dir` at any folder of text files to train on your own corpus
 
 from zoo.config import attention_options_from_arg, overridable, parse_arg
 
-_ARGS = dict(attention="relu", total_steps=2000, batch_size=32, seq_len=128, width=128,
-             depth=4, num_heads=4, lr=2e-3, dtype="float32")
+_ARGS = dict(attention="relu", total_steps=1500, batch_size=16, seq_len=128, width=128,
+             depth=3, num_heads=4, lr=2e-3, dtype="float32")
 
 
 def get_config(arg=None):
@@ -31,6 +31,11 @@ def get_config(arg=None):
       attention_options=attention_options_from_arg(arg.attention, arg, set(_ARGS)),
       dtype=arg.dtype,
   )
+
+  # Devices: a (data, fsdp, seq) mesh, -1 = the remaining devices; `sequence_parallel`
+  # splits attention along the sequence: None, "gspmd", "all_gather" or "ring".
+  config.mesh = dict(data=-1, fsdp=1, seq=1)
+  config.sequence_parallel = overridable(None, str)
 
   config.batch_size = arg.batch_size
   config.total_steps = arg.total_steps

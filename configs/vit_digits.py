@@ -33,6 +33,11 @@ def get_config(arg=None):
       dtype=arg.dtype,
   )
 
+  # Devices: a (data, fsdp, seq) mesh, -1 = the remaining devices; `sequence_parallel`
+  # splits attention along the sequence: None, "gspmd", "all_gather" or "ring".
+  config.mesh = dict(data=-1, fsdp=1, seq=1)
+  config.sequence_parallel = overridable(None, str)
+
   config.batch_size = arg.batch_size
   config.total_steps = arg.total_steps
   config.optimizer = dict(lr=arg.lr, warmup_steps=100, min_lr_ratio=0.01,

@@ -175,13 +175,15 @@ def test_digits_sharding_two_processes(digits_config, monkeypatch):
   assert num_batches == [3, 3]  # Same number of eval steps on every process.
   np.testing.assert_array_equal(np.concatenate(labels), expected)
 
-  # Training shards are disjoint and together cover the data.
+  # Each process takes its rows of the same global batch: together they equal
+  # the single-process batch, so loss curves do not depend on the process count.
+  single = pipeline._train_batches(1437, 16, 0, 0, 1, lambda i, e: i)
   shards = [pipeline._train_batches(1437, 8, 0, index, 2, lambda i, e: i)
             for index in range(2)]
-  firsts = [set(np.concatenate([s[b] for b in range(89)]).tolist())
-            for s in shards]  # 89 * 8 = 712 < 718 rows: within epoch 0.
-  assert not firsts[0] & firsts[1]
-  assert all(x % 2 == i for i, f in enumerate(firsts) for x in f)
+  for b in (0, 1, 89, 90):  # 90 * 16 = 1440 > 1437: batch 89 crosses an epoch
+    np.testing.assert_array_equal(np.concatenate([s[b] for s in shards]), single[b])
+  rows = [set(np.concatenate([s[b] for b in range(89)]).tolist()) for s in shards]
+  assert not rows[0] & rows[1]  # within epoch 0 the processes' rows are disjoint
 
   mock_processes(monkeypatch, 1, 2)
   batch = next(data.make_iterator(digits_config, "train", batch_size=128,

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.attention import masking
+from zoo.parallel import mesh as mesh_lib
 
 GATE_ACTIVATIONS = {
     "identity": lambda x: x,
@@ -65,9 +66,16 @@ class MultiHeadDotProductAttention(nnx.Module):
     self.key_ln = nnx.LayerNorm(self.head_dim, **ln) if qk_layernorm else None
     self.gate = nnx.LinearGeneral(width, heads, **kw) if output_gate else None
 
+  # The name under which `zoo.parallel.sequence` registers this family's strategies.
+  sequence_parallel_core: str | None = None
+
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *,
              mask: jax.Array | None = None) -> jax.Array:
     raise NotImplementedError
+
+  def core_options(self) -> dict:
+    """The functional core's options (passed to sequence-parallel strategies too)."""
+    return {}
 
   def __call__(self, x: jax.Array, *, inputs_kv: jax.Array | None = None,
                mask: jax.Array | None = None, grid=None) -> jax.Array:
@@ -81,7 +89,15 @@ class MultiHeadDotProductAttention(nnx.Module):
     q, k, v = self.query(x), self.key(inputs_kv), self.value(inputs_kv)
     if self.query_ln is not None:
       q, k = self.query_ln(q), self.key_ln(k)
-    y = self.attend(q, k, v, mask=masking.check_mask(mask, q, k))
+    ctx = mesh_lib.active()
+    if ctx is not None and ctx.strategy is not None and inputs_kv is x:
+      from zoo.parallel import sequence  # pylint: disable=import-outside-toplevel
+      if mask is not None:
+        raise ValueError("sequence-parallel attention takes no mask")
+      y = sequence.run(self.sequence_parallel_core, q, k, v, mesh=ctx.mesh,
+                       strategy=ctx.strategy, causal=self.causal, **self.core_options())
+    else:
+      y = self.attend(q, k, v, mask=masking.check_mask(mask, q, k))
     if self.gate is not None:
       y = y * GATE_ACTIVATIONS[self.gate_activation](self.gate(x))
     return self.out(y)

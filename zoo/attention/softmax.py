@@ -36,6 +36,8 @@ class SoftmaxAttention(MultiHeadDotProductAttention):
   def __init__(self, width: int, num_heads: int, *, causal: bool = False, **kwargs):
     super().__init__(width, num_heads, causal=causal, **kwargs)
 
+  sequence_parallel_core = "softmax"
+
   def attend(self, q, k, v, *, mask=None):
     return softmax_attention(q, k, v, causal=self.causal, mask=mask)
 

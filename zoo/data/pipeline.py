@@ -32,10 +32,10 @@ Batches are dicts of numpy arrays holding this process's rows only
   byte_text: inputs int32 [B, seq_len], targets int32 [B, seq_len],
             mask float32 [B, seq_len]; targets[:, t] == inputs[:, t + 1].
 
-train=True: each process takes its own strided shard of the examples
-(windows for text) `[process_index::process_count]`, shuffles it with `seed`
-(reshuffled deterministically every epoch), repeats forever; batches never
-contain padding (mask all ones). Batches run across epoch boundaries, so the
+train=True: every process computes the same global batches (a permutation of
+all examples, or text windows, seeded with (seed, epoch), repeated forever) and
+takes its own rows of each, so the global batch sequence does not depend on the
+process count; batches never contain padding (mask all ones). Batches run across epoch boundaries, so the
 only "remainder" dropped is the never-ending tail.
 
 train=False: one pass in order. Process p takes the p-th contiguous block of
@@ -229,27 +229,28 @@ def _train_batches(n: int, local_bs: int, seed: int, index: int, count: int,
                    make_batch) -> grain.MapDataset:
   """Infinite dataset of training batches: `make_batch(ids, epochs)`.
 
-  Process `index` owns the examples `ids = index, index + count, ...` of
-  `range(n)`. Epoch e visits them in the order of a numpy permutation seeded
-  with (seed, e); batch b holds positions [b * B, (b + 1) * B) of the endless
-  concatenation of epochs. The batch is a pure function of (seed, b), which is
-  what makes grain's `{"next_index": b}` a complete checkpoint.
+  Epoch e visits range(n) in the order of a numpy permutation seeded with
+  (seed, e); GLOBAL batch b holds positions [b * B, (b + 1) * B) of the endless
+  concatenation of epochs (B = local_bs * count), and process `index` takes its
+  rows [index * local_bs, (index + 1) * local_bs). So the global batches, and a
+  run's loss curve, are the same whatever the number of processes, and a batch
+  is a pure function of (seed, b): grain's `{"next_index": b}` is a complete
+  checkpoint.
 
   (grain's own `shuffle` costs ~35 us per element for its index cipher, i.e.
   ~10 ms per 256-row batch on one core; a cached permutation is ~free.)
   """
-  shard = np.arange(index, n, count)
-  if not len(shard):
-    raise ValueError(f"Process {index} of {count} gets no training examples "
-                     f"(only {n}).")
+  if n < 1:
+    raise ValueError("the training split has no examples")
+  global_bs = local_bs * count
 
   @functools.lru_cache(maxsize=2)
   def permutation(epoch):
-    return shard[np.random.default_rng([seed, epoch]).permutation(len(shard))]
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
   def batch(batch_index):
-    epochs, within = np.divmod(batch_index * local_bs + np.arange(local_bs),
-                               len(shard))
+    positions = batch_index * global_bs + index * local_bs + np.arange(local_bs)
+    epochs, within = np.divmod(positions, n)
     ids = np.empty(local_bs, np.int64)
     for epoch in np.unique(epochs):
       ids[epochs == epoch] = permutation(int(epoch))[within[epochs == epoch]]

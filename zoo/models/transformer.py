@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo import attention as attention_lib
+from zoo import parallel
 
 
 class MlpBlock(nnx.Module):
@@ -53,6 +54,7 @@ class Encoder1DBlock(nnx.Module):
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
                grid: tuple[int, int] | None = None):
     out = {}
+    x = parallel.constrain(x, ("batch", "seq", "embed"))
     y = self.LayerNorm_0(x)
     y = out["sa"] = self.MultiHeadDotProductAttention_0(y, mask=mask, grid=grid)
     x = out["+sa"] = x + self.dropout(y)

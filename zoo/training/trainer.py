@@ -24,10 +24,12 @@ import numpy as np
 import optax
 import tensorboardX
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from zoo import data as data_lib
 from zoo import models
+from zoo import parallel
 from zoo.training import checkpoint as ckpt_lib
 from zoo.training import optim
 from zoo.training import tasks
@@ -64,6 +66,60 @@ def create_model(config, seed: int | None = None) -> nnx.Module:
   return models.create(config.model, nnx.Rngs(params=seed, dropout=seed + 1))
 
 
+class Placement:
+  """Where arrays live: the mesh, its logical rules and the sequence-parallel strategy.
+
+  `config.mesh` (e.g. {"data": 2, "seq": 4}; default: all devices on `data`) and
+  `config.sequence_parallel` (None, "gspmd", "all_gather" or "ring"). Parameters are
+  replicated, or with `mesh.fsdp > 1` sharded over `fsdp` along their largest divisible
+  dimension (big_vision's fsdp rule); batches are sharded over data/fsdp, and token
+  sequences also over `seq`.
+  """
+
+  def __init__(self, config):
+    self.mesh = parallel.make_mesh(config.get("mesh"))
+    self.strategy = config.get("sequence_parallel")
+    if self.strategy is not None and self.strategy not in parallel.STRATEGIES:
+      raise ValueError(f"config.sequence_parallel must be None or one of "
+                       f"{parallel.STRATEGIES}, got {self.strategy!r}")
+    self.rules = parallel.DEFAULT_RULES + (
+        parallel.FSDP_RULES if self.mesh.shape["fsdp"] > 1 else ())
+
+  def context(self):
+    """Active while steps are traced: activation constraints and split attention."""
+    return parallel.sharding_context(self.mesh, self.rules, self.strategy)
+
+  def _param_sharding(self, x):
+    n = self.mesh.shape["fsdp"]
+    spec = [None] * getattr(x, "ndim", 0)
+    if n > 1 and spec:
+      dims = sorted(range(x.ndim), key=lambda d: -x.shape[d])
+      for d in dims:
+        if x.shape[d] % n == 0:
+          spec[d] = "fsdp"
+          break
+    return NamedSharding(self.mesh, P(*spec))
+
+  def put(self, nodes):
+    """Moves the state of `nodes` (model, optimiser) onto the mesh; returns its shardings."""
+    state = nnx.state(nodes)
+    shardings = jax.tree.map(self._param_sharding, state)
+    placed = jax.tree.map(
+        lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx]),
+        state, shardings)
+    nnx.update(nodes, placed)
+    return shardings
+
+  def batch(self, batch: dict) -> dict:
+    """This process's rows -> global arrays sharded over the mesh."""
+    def spec(x):
+      names = ["batch"] + (["seq"] if x.ndim == 2 and self.mesh.shape["seq"] > 1 else [])
+      names += [None] * (x.ndim - len(names))
+      return parallel.named_sharding(self.mesh, names, self.rules)
+    return {k: jax.make_array_from_process_local_data(spec(v), np.asarray(v))
+            for k, v in batch.items()}
+
+
 def _state_to_save(model, optimizer) -> dict:
   """Parameters and optimiser state as plain nested dicts (stable across Flax versions)."""
   return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
@@ -80,7 +136,12 @@ def _apply_state(model, optimizer, restored) -> None:
     nnx.update(optimizer, opt_state)
 
 
-def make_train_step(task: str):
+def make_train_step(task: str, state_shardings=None):
+  """`train_step(model, optimizer, batch, dropout_key) -> (loss, aux)`, updating in place.
+
+  With `state_shardings`, the updated state is constrained to them (parameters stay
+  replicated or FSDP-sharded as placed).
+  """
   loss_fn, _ = tasks.get(task)
 
   @nnx.jit
@@ -88,6 +149,9 @@ def make_train_step(task: str):
     nnx.reseed(model, dropout=dropout_key)
     (loss, aux), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch), has_aux=True)(model)
     optimizer.update(model, grads)
+    if state_shardings is not None:
+      nodes = (model, optimizer)
+      nnx.update(nodes, jax.lax.with_sharding_constraint(nnx.state(nodes), state_shardings))
     return loss, {**aux, "grad_norm": optax.tree.norm(grads)}
 
   return train_step
@@ -99,9 +163,10 @@ def make_eval_step(task: str):
 
 
 def evaluate(model, config, split: str, *, max_batches: int | None = None,
-             eval_step=None, progress: bool = False) -> dict:
+             eval_step=None, progress: bool = False, placement: Placement | None = None) -> dict:
   """Evaluates `model` on `split` (one ordered pass; every example counted once)."""
   eval_step = eval_step or make_eval_step(config.task)
+  placement = placement or Placement(config)
   batch_size = int(config.get("eval_batch_size", config.batch_size))
   it = data_lib.make_iterator(config.data, split, batch_size=batch_size, train=False,
                               seed=int(config.get("seed", 0)))
@@ -111,7 +176,8 @@ def evaluate(model, config, split: str, *, max_batches: int | None = None,
   for i, batch in enumerate(it):
     if max_batches is not None and i >= max_batches:
       break
-    sums = jax.device_get(eval_step(model, batch))
+    with placement.context():
+      sums = jax.device_get(eval_step(model, placement.batch(batch)))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
     bar.update()
@@ -207,9 +273,11 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(_to_dict(config), f, indent=1)
 
+  placement = Placement(config)
   model = create_model(config)
   tx = optim.make_optimizer(config.optimizer, total_steps)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  state_shardings = placement.put((model, optimizer))
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
   train_iter = data_lib.make_iterator(config.data, "train", batch_size=int(config.batch_size),
                                       train=True, seed=int(config.get("seed", 0)))
@@ -217,7 +285,7 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
     abstract = jax.tree.map(ocp_abstract, _state_to_save(model, optimizer))
     _apply_state(model, optimizer, checkpointer.restore(start_step, abstract, train_iter))
 
-  train_step = make_train_step(config.task)
+  train_step = make_train_step(config.task, state_shardings)
   eval_step = make_eval_step(config.task)
   writer = _MetricWriter(workdir, enabled=is_main)
   dropout_base = jax.random.key(int(config.get("seed", 0)) + 2)
@@ -252,7 +320,8 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
       while step < total_steps:
         batch = next(train_iter)
         key = jax.random.fold_in(dropout_base, step)
-        loss, aux = train_step(model, optimizer, batch, key)
+        with placement.context():
+          loss, aux = train_step(model, optimizer, placement.batch(batch), key)
         step += 1
         if pending is not None:
           lval, avals = check(pending)
@@ -277,7 +346,7 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
           window_loss, window_examples, window_start = [], 0, time.perf_counter()
         if eval_every and (step % eval_every == 0 or step == total_steps):
           last_eval = evaluate(model, config, _eval_split(config), max_batches=eval_batches,
-                               eval_step=eval_step)
+                               eval_step=eval_step, placement=placement)
           writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
           bar.write(f"step {step}: eval {json.dumps(last_eval)}")
         if save_now:
@@ -319,6 +388,7 @@ def restore_model(config, workdir: str, step: int | None = None):
     ckpt_lib.check_compatible(checkpointer.read_meta(step), _to_dict(config.model),
                               config.task, checkpointer.directory)
     model = create_model(config)
+    Placement(config).put(model)
     abstract = jax.tree.map(ocp_abstract, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))})
     # Parameters only: evaluation needs no optimiser state.
     _apply_state(model, None, checkpointer.restore(step, abstract, partial=True))

@@ -1,0 +1,278 @@
+"""The authors' `TransformerSeq` (facebookresearch/adaptive-span, `models.py`) in Flax NNX.
+
+A character / word LM that reads a long stream block by block (M tokens per call) and
+carries, per layer, a cache of the previous blocks' layer inputs, so each token attends
+to the S = `max_span` tokens before it across block boundaries. Adaptive span
+(arXiv 1905.07799) and persistent memory / all-attention (arXiv 1907.01470).
+
+Architecture (as the authors' code, not the usual pre-LN transformer):
+
+* `in_emb` (token embedding, N(0, 1) init) and an untied `out_emb` (Linear with bias);
+  no absolute positions: a learned per-distance key embedding `key_pe` `[1, head_dim, S]`
+  is shared by all layers and heads (`adaptive_span.py`).
+* Post-LayerNorm blocks (torch's LayerNorm, epsilon 1e-5):
+  h = norm1(h + attn(h, cache)); h = norm2(h + ff(h)) with ff = fc2(relu(fc1(h))).
+  The all-attention layer (`persistent_size > 0`) has no ff and no norm2.
+* Bias-free q/k/v/out projections (`zoo.attention.adaptive_span.AdaptiveSpanAttention`).
+* Output: log-softmax over the vocabulary.
+* Cache: layer l's next cache is the last `cache_size` of cat(cache_l, h_l) with h_l the
+  layer's INPUT for this block (`cache_size` = S, or the trimmed window + 64 with
+  `adapt_cache`). It is data, not a parameter; gradients do not flow into it (the authors
+  `.detach()` it). The first block's cache is zeros (`init_caches`).
+* Dropout: on the embeddings and before `out_emb` (`emb_dropout`), on the attention
+  weights and in the ff hidden layer (`dropout`); none on the residual branches.
+
+`load_authors_state_dict(model, npz_or_dict)` loads the authors' `state_dict()` ("." or
+"/" separated keys).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zoo.attention import adaptive_span as span_lib
+from zoo.attention import persistent as persistent_lib
+
+
+class FeedForwardLayer(nnx.Module):
+  """fc2(dropout(relu(fc1(h)))), the authors' `FeedForwardLayer`."""
+
+  def __init__(self, width: int, inner_size: int, *, dropout: float = 0.0, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = nnx.Linear(width, inner_size, **kw)
+    self.fc2 = nnx.Linear(inner_size, width, **kw)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+  def __call__(self, h):
+    return self.fc2(self.dropout(jax.nn.relu(self.fc1(h))))
+
+
+class TransformerSeqLayer(nnx.Module):
+  """Post-LN block: norm1(h + attn(h, cache)), then norm2(h + ff(h)) unless all-attention."""
+
+  def __init__(self, width: int, num_heads: int, inner_size: int, *, max_span: int,
+               ramp: int, span_init: float, span_loss: float, adapt_span: bool,
+               adapt_cache: bool, persistent_size: int, dropout: float,
+               trim_granularity: int, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    attn_kw = dict(causal=True, max_span=max_span, ramp=ramp, span_init=span_init,
+                   span_loss=span_loss, adapt_span=adapt_span, adapt_cache=adapt_cache,
+                   attn_dropout=dropout, shared_key_pe=True,
+                   trim_granularity=trim_granularity, **kw)
+    if persistent_size > 0:
+      self.attn = persistent_lib.PersistentMemoryAttention(
+          width, num_heads, persistent_size=persistent_size, **attn_kw)
+    else:
+      self.attn = span_lib.AdaptiveSpanAttention(width, num_heads, **attn_kw)
+    ln = dict(epsilon=1e-5, **kw)
+    self.norm1 = nnx.LayerNorm(width, **ln)
+    self.all_attention = persistent_size > 0
+    if self.all_attention:  # the persistent vectors replace the feed-forward sublayer
+      self.ff = None
+      self.norm2 = None
+    else:
+      self.ff = FeedForwardLayer(width, inner_size, dropout=dropout, **kw)
+      self.norm2 = nnx.LayerNorm(width, **ln)
+
+  def __call__(self, h, cache, key_pe):
+    h = self.norm1(h + self.attn(h, cache=cache, key_pe=key_pe))
+    if self.ff is not None:
+      h = self.norm2(h + self.ff(h))
+    return h
+
+
+class TransformerSeq(nnx.Module):
+  """The authors' `TransformerSeq`; `model(tokens, caches)` -> (log-probs, next caches).
+
+  Args:
+    vocab_size, width, num_heads, depth: sizes (the authors' vocab_size, hidden_size,
+      nb_heads, nb_layers).
+    max_span: S, the attention span limit (`attn_span`).
+    inner_size: the ff's hidden size (`inner_hidden_size`); default 4 * width.
+    ramp, span_init, span_loss: adaptive span's R, initial z/S and lambda
+      (`adapt_span_ramp`, `adapt_span_init`, `adapt_span_loss`).
+    adapt_span: learn spans (else a fixed span S, no mask).
+    adapt_cache: shrink caches with the trimmed window (`adapt_span_cache`).
+    persistent_size: N persistent vectors per head; > 0 makes all-attention layers.
+    dropout, emb_dropout: the authors' `dropout` and `emb_dropout`.
+  """
+
+  def __init__(self, *, vocab_size: int, width: int, num_heads: int, depth: int,
+               max_span: int, inner_size: int | None = None, ramp: int = 32,
+               span_init: float = 0.0, span_loss: float = 0.0, adapt_span: bool = True,
+               adapt_cache: bool = False, persistent_size: int = 0, dropout: float = 0.0,
+               emb_dropout: float = 0.0, trim_granularity: int = span_lib.TRIM_GRANULARITY,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if width % num_heads:
+      raise ValueError(f"width {width} must be a multiple of num_heads {num_heads}")
+    self.vocab_size, self.width, self.num_heads, self.depth = vocab_size, width, num_heads, depth
+    self.max_span, self.head_dim = max_span, width // num_heads
+    self.persistent_size = persistent_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.in_emb = nnx.Embed(vocab_size, width,
+                            embedding_init=nnx.initializers.normal(stddev=1.0), **kw)
+    self.out_emb = nnx.Linear(width, vocab_size, **kw)
+    self.key_pe = nnx.Param(
+        jax.random.normal(rngs.params(), (1, self.head_dim, max_span), param_dtype))
+    self.emb_dropout = nnx.Dropout(emb_dropout, rngs=rngs)
+    for i in range(depth):
+      setattr(self, f"layers_{i}", TransformerSeqLayer(
+          width, num_heads, inner_size or 4 * width, max_span=max_span, ramp=ramp,
+          span_init=span_init, span_loss=span_loss, adapt_span=adapt_span,
+          adapt_cache=adapt_cache, persistent_size=persistent_size, dropout=dropout,
+          trim_granularity=trim_granularity, **kw))
+
+  def layers(self) -> list[TransformerSeqLayer]:
+    return [getattr(self, f"layers_{i}") for i in range(self.depth)]
+
+  def cache_sizes(self) -> list[int]:
+    return [layer.attn.cache_size() for layer in self.layers()]
+
+  def init_caches(self, batch_size: int, dtype=None) -> list[jax.Array]:
+    """All-zero caches `[batch, cache_size, width]` per layer (the authors' first block)."""
+    dtype = dtype or self.key_pe[...].dtype
+    return [jnp.zeros((batch_size, c, self.width), dtype) for c in self.cache_sizes()]
+
+  def __call__(self, tokens: jax.Array, caches: Sequence[jax.Array] | None = None):
+    """tokens `[batch, M]` -> (log-probs `[batch, M, vocab]`, next caches, one per layer).
+
+    `caches`: per layer `[batch, C, width]` inputs of the previous positions (None: zeros).
+    """
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, M], got shape {tokens.shape}")
+    if caches is None:
+      caches = [None] * self.depth
+    if len(caches) != self.depth:
+      raise ValueError(f"need one cache per layer ({self.depth}), got {len(caches)}")
+    block = tokens.shape[1]
+    h = self.emb_dropout(self.in_emb(tokens))
+    key_pe = self.key_pe[...]
+    next_caches = []
+    for layer, cache in zip(self.layers(), caches):
+      size = layer.attn.cache_size()
+      prev = (jnp.zeros((h.shape[0], 0, self.width), h.dtype) if cache is None
+              else cache.astype(h.dtype))
+      nxt = jnp.concatenate([prev, h], axis=1)[:, -size:]
+      if nxt.shape[1] < size:  # a short first cache: pad with zeros in front
+        nxt = jnp.pad(nxt, ((0, 0), (size - nxt.shape[1], 0), (0, 0)))
+      next_caches.append(jax.lax.stop_gradient(nxt))
+      h = layer(h, cache, key_pe)
+    del block
+    h = self.emb_dropout(h)
+    return jax.nn.log_softmax(self.out_emb(h), axis=-1), next_caches
+
+
+# ----------------------------------------------------------------------------------------
+# The authors' state dicts.
+
+
+def _read(npz_or_dict) -> dict[str, np.ndarray]:
+  if isinstance(npz_or_dict, (str, os.PathLike)):
+    with np.load(npz_or_dict) as f:
+      raw = {k: f[k] for k in f.files}
+  else:
+    raw = dict(npz_or_dict)
+  out = {}
+  for k, v in raw.items():
+    if hasattr(v, "detach"):  # a torch tensor
+      v = v.detach().cpu().numpy()
+    out[k.replace(".", "/")] = np.asarray(v)
+  return out
+
+
+def _set(param: nnx.Param, value: np.ndarray, name: str) -> None:
+  old = param[...]
+  if tuple(old.shape) != tuple(value.shape):
+    raise ValueError(f"{name}: shape {value.shape} does not fit the model's {old.shape}")
+  param[...] = jnp.asarray(value, old.dtype)
+
+
+def load_authors_state_dict(model: TransformerSeq, npz_or_dict,
+                            *, strict: bool = True) -> list[str]:
+  """Loads the authors' `TransformerSeq.state_dict()` into `model`.
+
+  Accepts a path to an `.npz`, or a mapping (numpy arrays or torch tensors) with "." or
+  "/" separated keys. Keys that are not parameters of a state dict (e.g. the fixtures'
+  `x`, `cache0`, `logp`) are ignored. Layouts: torch `Linear.weight` `[out, in]` ->
+  kernel `[in, out]` (`[in, heads, head_dim]` for q/k/v, `[heads, head_dim, out]` for the
+  output projection); `current_val` `[heads, 1, 1]` -> `span` `[heads]`; persistent
+  `key` `[heads, head_dim, N]` and `val` `[heads, N, head_dim]` -> `[N, heads, head_dim]`.
+  The buffers `mask_template` are checked against linspace(1 - S, 0, S), and the
+  persistent memory's alias of the span (`.../persistent_memory/adaptive_span/...`)
+  against the layer's span.
+
+  Returns the list of model parameter names loaded. With `strict`, raises when a model
+  parameter is missing from the dict or a layer/embedding key is left unused.
+  """
+  sd = _read(npz_or_dict)
+  used: set[str] = set()
+  loaded: list[str] = []
+  w, h, d = model.width, model.num_heads, model.head_dim
+
+  def take(key):
+    if key not in sd:
+      raise KeyError(f"the state dict has no {key!r}")
+    used.add(key)
+    return sd[key]
+
+  def put(param, key, fn=lambda a: a, name=None):
+    if key not in sd and not strict:
+      return
+    _set(param, fn(take(key)), name or key)
+    loaded.append(name or key)
+
+  put(model.in_emb.embedding, "in_emb/weight")
+  put(model.out_emb.kernel, "out_emb/weight", lambda a: a.T)
+  put(model.out_emb.bias, "out_emb/bias")
+  put(model.key_pe, "key_pe")
+  template = np.linspace(1 - model.max_span, 0, model.max_span)
+  for i, layer in enumerate(model.layers()):
+    p = f"layers/{i}"
+    attn = layer.attn
+    put(attn.query.kernel, f"{p}/attn/proj_query/weight", lambda a: a.T.reshape(w, h, d))
+    put(attn.key.kernel, f"{p}/attn/proj_key/weight", lambda a: a.T.reshape(w, h, d))
+    put(attn.value.kernel, f"{p}/attn/proj_val/weight", lambda a: a.T.reshape(w, h, d))
+    put(attn.out.kernel, f"{p}/attn/proj_out/weight", lambda a: a.T.reshape(h, d, w))
+    put(layer.norm1.scale, f"{p}/norm1/weight")
+    put(layer.norm1.bias, f"{p}/norm1/bias")
+    if layer.ff is not None:
+      for fc in ("fc1", "fc2"):
+        lin = getattr(layer.ff, fc)
+        put(lin.kernel, f"{p}/ff/{fc}/weight", lambda a: a.T)
+        put(lin.bias, f"{p}/ff/{fc}/bias")
+      put(layer.norm2.scale, f"{p}/norm2/weight")
+      put(layer.norm2.bias, f"{p}/norm2/bias")
+    span_prefixes = [f"{p}/attn/attn/adaptive_span/_mask"]
+    if attn.adapt_span:
+      put(attn.span, f"{span_prefixes[0]}/current_val", lambda a: a.reshape(h))
+    if layer.all_attention:
+      pm = f"{p}/attn/attn/persistent_memory"
+      put(attn.pers_key, f"{pm}/key", lambda a: a.transpose(2, 0, 1))
+      put(attn.pers_val, f"{pm}/val", lambda a: a.transpose(1, 0, 2))
+      span_prefixes.append(f"{pm}/adaptive_span/_mask")
+    for j, prefix in enumerate(span_prefixes):
+      tkey = f"{prefix}/mask_template"
+      if tkey in sd:
+        if not np.allclose(take(tkey), template, rtol=0, atol=1e-12):
+          raise ValueError(f"{tkey} is not linspace(1 - S, 0, S) for S = {model.max_span}")
+      ckey = f"{prefix}/current_val"
+      if j > 0 and ckey in sd and attn.adapt_span:
+        if not np.array_equal(take(ckey), sd[f"{span_prefixes[0]}/current_val"]):
+          raise ValueError(f"{ckey} must equal the layer's span (one shared parameter)")
+  if strict:
+    model_keys = ("in_emb/", "out_emb/", "key_pe", "layers/")
+    unused = sorted(k for k in sd if k not in used and k.startswith(model_keys))
+    if unused:
+      raise ValueError(f"state dict keys not used by the model: {unused}")
+  return loaded
+
+
+__all__ = ["TransformerSeq", "TransformerSeqLayer", "FeedForwardLayer",
+           "load_authors_state_dict"]
