@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from zoo import cli
 
 _CONFIG, _WORKDIR = cli.define_flags(default_workdir=None)
+cli.define_distributed_flags()
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: newest).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
 
@@ -22,6 +23,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
+  cli.initialize_distributed()
   from zoo import training  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   workdir = _WORKDIR.value or cli.default_workdir(flags.FLAGS["config"].config_filename)

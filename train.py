@@ -12,12 +12,14 @@ from absl import app, flags, logging
 from zoo import cli
 
 _CONFIG, _WORKDIR = cli.define_flags(default_workdir=None)
+cli.define_distributed_flags()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
+  cli.initialize_distributed()
   from zoo import training  # pylint: disable=import-outside-toplevel  (after flag parsing)
   workdir = _WORKDIR.value or cli.default_workdir(flags.FLAGS["config"].config_filename)
   print(f"workdir: {workdir}", flush=True)

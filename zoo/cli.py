@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +20,35 @@ def define_flags(default_workdir: str | None):
       "workdir", default_workdir,
       "Directory for checkpoints and metrics (default: workdirs/<config name>[_<arg>]).")
   return config, workdir
+
+
+def define_distributed_flags():
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0, for multi-process runs "
+                      "(or env JAX_COORDINATOR_ADDRESS).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (or env JAX_NUM_PROCESSES).")
+  flags.DEFINE_integer("process_id", None, "This process's index (or env JAX_PROCESS_ID).")
+
+
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize` from the flags or the JAX_* environment variables.
+
+  Single-process runs (no coordinator given) skip it. On CPU, cross-process collectives
+  use gloo.
+  """
+  f = flags.FLAGS
+  address = f.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not address:
+    return
+  num = f.num_processes if f.num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
+  pid = f.process_id if f.process_id is not None else os.environ.get("JAX_PROCESS_ID")
+  if num is None or pid is None:
+    raise app.UsageError("a multi-process run needs --num_processes and --process_id "
+                         "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
+                             process_id=int(pid))
 
 
 def default_workdir(config_path: str) -> str:

@@ -7,7 +7,7 @@ def get_config(arg=None):
   config = lm_bytes.get_config(arg)
   config.data.seq_len = 16
   config.model.update(width=16, depth=1, num_heads=2, mlp_dim=32, max_len=16)
-  config.batch_size = 4
+  config.batch_size = 8
   config.total_steps = 8
   config.optimizer.warmup_steps = 2
   config.log_every = 2

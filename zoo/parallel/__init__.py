@@ -1,5 +1,7 @@
 """Meshes, logical sharding rules and sequence-parallel attention."""
 
+import importlib
+
 from zoo.parallel.mesh import (DEFAULT_RULES, FSDP_RULES, MESH_AXES, active, constrain,
                                logical_to_spec, make_mesh, named_sharding, sharding_context)
 
@@ -9,7 +11,7 @@ STRATEGIES = ("gspmd", "all_gather", "ring")
 def __getattr__(name):
   # `sequence` imports the attention families, which import `mesh`: load it lazily.
   if name in ("sequence_parallel_attention", "sequence"):
-    from zoo.parallel import sequence  # pylint: disable=import-outside-toplevel
+    sequence = importlib.import_module("zoo.parallel.sequence")
     return sequence if name == "sequence" else sequence.sequence_parallel_attention
   raise AttributeError(name)
 

@@ -201,32 +201,37 @@ def _pointwise_ring(q, k, v, *, mesh, causal, layout, activation="relu", alpha=1
   def ring(q, k, v, scale):
     return ring_fwd(q, k, v, scale)[0]
 
+  # The ring is a fori_loop (compiled once, whatever n): step t uses the key/value block
+  # of shard (i - t) mod n, then passes it on; after n hops every block is home again.
   def ring_fwd(q, k, v, scale):
     shard = jax.lax.axis_index("seq")
-    acc, kb, vb = 0.0, k, v
-    for t in range(n):
+
+    def body(t, carry):
+      acc, kb, vb = carry
       acc = acc + block_sums(q, kb, vb, (shard - t) % n)
-      if t < n - 1:
-        kb, vb = jax.lax.ppermute((kb, vb), "seq", _ring_perm(n))
+      kb, vb = jax.lax.ppermute((kb, vb), "seq", _ring_perm(n))
+      return acc, kb, vb
+
+    acc0 = jnp.zeros(q.shape[:3] + (v.shape[-1],), jnp.float32)
+    acc, _, _ = jax.lax.fori_loop(0, n, body, (acc0, k, v))
     return (acc * scale).astype(q.dtype), (q, k, v, scale)
 
   def ring_bwd(res, g):
     q, k, v, scale = res
     shard = jax.lax.axis_index("seq")
     g = g.astype(jnp.float32) * scale
-    dq = jnp.zeros(q.shape, jnp.float32)
-    kb, vb = k, v
-    dkb, dvb = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    for t in range(n):
-      src = (shard - t) % n
-      _, vjp = jax.vjp(lambda q_, k_, v_: block_sums(q_, k_, v_, src), q, kb, vb)
+
+    def body(t, carry):  # the key/value block travels with its gradient accumulators
+      dq, kb, vb, dkb, dvb = carry
+      _, vjp = jax.vjp(lambda q_, k_, v_: block_sums(q_, k_, v_, (shard - t) % n), q, kb, vb)
       dq_t, dk_t, dv_t = vjp(g)
-      dq, dkb, dvb = dq + dq_t, dkb + dk_t, dvb + dv_t
-      if t < n - 1:  # the key/value block moves on, its gradient with it
-        kb, vb, dkb, dvb = jax.lax.ppermute((kb, vb, dkb, dvb), "seq", _ring_perm(n))
-      else:  # one last hop brings each block's gradient home
-        dkb, dvb = jax.lax.ppermute((dkb, dvb), "seq", _ring_perm(n))
-    return dq.astype(q.dtype), dkb.astype(k.dtype), dvb.astype(v.dtype), None
+      kb, vb, dkb, dvb = jax.lax.ppermute((kb, vb, dkb + dk_t, dvb + dv_t), "seq",
+                                          _ring_perm(n))
+      return dq + dq_t, kb, vb, dkb, dvb
+
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+    dq, _, _, dk, dv = jax.lax.fori_loop(0, n, body, (zeros(q), k, v, zeros(k), zeros(v)))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
   ring.defvjp(ring_fwd, ring_bwd)
   scale_spec = P(None, "seq", None, None)
@@ -263,26 +268,29 @@ def _softmax_ring(q, k, v, *, mesh, causal, layout):
     shard = jax.lax.axis_index("seq")
     q_chunks = _chunk_ids(shard, n, causal)
     qs = _split(q, len(q_chunks))
-    stats = [(jnp.full((q.shape[0], q.shape[2], qc.shape[1]), _NEG, jnp.float32),
-              jnp.zeros((q.shape[0], q.shape[2], qc.shape[1]), jnp.float32),
-              jnp.zeros(qc.shape[:3] + (v.shape[-1],), jnp.float32)) for qc in qs]
-    kb, vb = k, v
-    for t in range(n):
+
+    def body(t, carry):
+      stats, kb, vb = carry
       k_chunks = _chunk_ids((shard - t) % n, n, causal)
       ks, vs = _split(kb, len(k_chunks)), _split(vb, len(k_chunks))
-      for i, (qc, qi) in enumerate(zip(qs, q_chunks)):
-        m, l, o = stats[i]
-        for kc, vc, ki in zip(ks, vs, k_chunks):
+      new_stats = []
+      for (m, l, o), qc, qi in zip(stats, qs, q_chunks):
+        for kc, vc, ki in zip(ks, vs, k_chunks):  # online softmax: rescale and add
           mb, lb, ob = _softmax_block(qc, kc, vc, _pair_mode(qi, ki), causal)
           m_new = jnp.maximum(m, mb)
           a, b = jnp.exp(m - m_new), jnp.exp(mb - m_new)
           l = l * a + lb * b
           o = o * a.transpose(0, 2, 1)[..., None] + ob * b.transpose(0, 2, 1)[..., None]
           m = m_new
-        stats[i] = (m, l, o)
-      if t < n - 1:
-        kb, vb = jax.lax.ppermute((kb, vb), "seq", _ring_perm(n))
-    outs = [o / l.transpose(0, 2, 1)[..., None] for m, l, o in stats]
+        new_stats.append((m, l, o))
+      kb, vb = jax.lax.ppermute((kb, vb), "seq", _ring_perm(n))
+      return tuple(new_stats), kb, vb
+
+    stats0 = tuple((jnp.full((q.shape[0], q.shape[2], qc.shape[1]), _NEG, jnp.float32),
+                    jnp.zeros((q.shape[0], q.shape[2], qc.shape[1]), jnp.float32),
+                    jnp.zeros(qc.shape[:3] + (v.shape[-1],), jnp.float32)) for qc in qs)
+    stats, _, _ = jax.lax.fori_loop(0, n, body, (stats0, k, v))
+    outs = [o / l.transpose(0, 2, 1)[..., None] for _, l, o in stats]
     return jnp.concatenate(outs, axis=1).astype(q.dtype)
 
   out = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,

@@ -85,6 +85,13 @@ class Placement:
     self.rules = parallel.DEFAULT_RULES + (
         parallel.FSDP_RULES if self.mesh.shape["fsdp"] > 1 else ())
 
+  def check_batch_size(self, batch_size: int, what: str) -> None:
+    replicas = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if batch_size % replicas:
+      raise ValueError(f"{what} {batch_size} does not divide by the mesh's data x fsdp = "
+                       f"{replicas} batch shards (mesh {dict(self.mesh.shape)}); set "
+                       f"config.mesh or the batch size")
+
   def context(self):
     """Active while steps are traced: activation constraints and split attention."""
     return parallel.sharding_context(self.mesh, self.rules, self.strategy)
@@ -274,6 +281,9 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
       json.dump(_to_dict(config), f, indent=1)
 
   placement = Placement(config)
+  placement.check_batch_size(int(config.batch_size), "config.batch_size")
+  placement.check_batch_size(int(config.get("eval_batch_size", config.batch_size)),
+                             "config.eval_batch_size")
   model = create_model(config)
   tx = optim.make_optimizer(config.optimizer, total_steps)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
