@@ -24,7 +24,7 @@ def _tiny_vit(name, **kw):
              in_channels=1, num_classes=10, attention=name, rngs=nnx.Rngs(0), **kw)
 
 
-@pytest.mark.parametrize("name", attention.names())
+@pytest.mark.parametrize("name", [n for n in attention.names() if attention.get(n).supports_noncausal])
 def test_every_attention_in_vit(name):
   model = _tiny_vit(name)
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
@@ -81,6 +81,17 @@ def test_vit_parameter_counts(variant, params, paper):
   model = nnx.eval_shape(lambda: ViT(variant, pool_type="tok", rngs=nnx.Rngs(0)))
   width = models.decode_variant(variant)["width"]
   assert _num_params(model) == params - width, paper
+
+
+def test_causal_only_and_noncausal_only_families_fail_clearly():
+  causal_only = [n for n in attention.names() if not attention.get(n).supports_noncausal]
+  noncausal_only = [n for n in attention.names() if not attention.get(n).supports_causal]
+  for name in causal_only:
+    with pytest.raises(ValueError, match="causal-only"):
+      _tiny_vit(name)
+  for name in noncausal_only:
+    with pytest.raises(ValueError, match="no causal form"):
+      DecoderLM(width=16, depth=1, num_heads=2, max_len=8, attention=name, rngs=nnx.Rngs(0))
 
 
 def test_vit_options_and_bad_inputs():

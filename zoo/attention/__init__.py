@@ -7,6 +7,9 @@ head_dim]` arrays and a thin `nnx.Module` around it. See `registry.py` for how t
 from zoo.attention import registry
 from zoo.attention import pointwise
 from zoo.attention import softmax
+from zoo.attention import soft
+from zoo.attention import adaptive_span
+from zoo.attention import persistent
 from zoo.attention.pointwise import pointwise_attention
 from zoo.attention.registry import get, make, names, validate
 from zoo.attention.softmax import softmax_attention

@@ -29,7 +29,7 @@ Architecture (as the authors' code, not the usual pre-LN transformer):
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ class FeedForwardLayer(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc1 = nnx.Linear(width, inner_size, **kw)
     self.fc2 = nnx.Linear(inner_size, width, **kw)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout else None)
 
   def __call__(self, h):
     return self.fc2(self.dropout(jax.nn.relu(self.fc1(h))))
@@ -121,7 +121,7 @@ class TransformerSeq(nnx.Module):
     self.out_emb = nnx.Linear(width, vocab_size, **kw)
     self.key_pe = nnx.Param(
         jax.random.normal(rngs.params(), (1, self.head_dim, max_span), param_dtype))
-    self.emb_dropout = nnx.Dropout(emb_dropout, rngs=rngs)
+    self.emb_dropout = nnx.Dropout(emb_dropout, rngs=rngs if emb_dropout else None)
     for i in range(depth):
       setattr(self, f"layers_{i}", TransformerSeqLayer(
           width, num_heads, inner_size or 4 * width, max_span=max_span, ramp=ramp,
@@ -151,7 +151,6 @@ class TransformerSeq(nnx.Module):
       caches = [None] * self.depth
     if len(caches) != self.depth:
       raise ValueError(f"need one cache per layer ({self.depth}), got {len(caches)}")
-    block = tokens.shape[1]
     h = self.emb_dropout(self.in_emb(tokens))
     key_pe = self.key_pe[...]
     next_caches = []
@@ -164,7 +163,6 @@ class TransformerSeq(nnx.Module):
         nxt = jnp.pad(nxt, ((0, 0), (size - nxt.shape[1], 0), (0, 0)))
       next_caches.append(jax.lax.stop_gradient(nxt))
       h = layer(h, cache, key_pe)
-    del block
     h = self.emb_dropout(h)
     return jax.nn.log_softmax(self.out_emb(h), axis=-1), next_caches
 
@@ -188,10 +186,10 @@ def _read(npz_or_dict) -> dict[str, np.ndarray]:
 
 
 def _set(param: nnx.Param, value: np.ndarray, name: str) -> None:
-  old = param[...]
+  old = param.get_value()  # an array, or a ShapeDtypeStruct for an `nnx.eval_shape` model
   if tuple(old.shape) != tuple(value.shape):
     raise ValueError(f"{name}: shape {value.shape} does not fit the model's {old.shape}")
-  param[...] = jnp.asarray(value, old.dtype)
+  param.set_value(jnp.asarray(value, old.dtype))
 
 
 def load_authors_state_dict(model: TransformerSeq, npz_or_dict,

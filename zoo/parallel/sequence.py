@@ -187,10 +187,15 @@ def _pointwise_ring(q, k, v, *, mesh, causal, layout, activation="relu", alpha=1
   length = q.shape[1]
   if causal and layout == "natural":
     q, k, v = (to_zigzag(x, n) for x in (q, k, v))
-  # L^-alpha per (zigzag-ordered) query: its global position + 1, or the whole length.
-  positions = zigzag_permutation(length, n) if causal else jnp.arange(length)
-  counts = positions + 1 if causal else jnp.full((length,), length)
-  length_scale = (counts.astype(jnp.float32) ** (-float(alpha)))[None, :, None, None]
+
+  def local_length_scale(local_len):
+    """L^-alpha of this shard's queries: global position + 1 (causal) or the length."""
+    if not causal:
+      return jnp.full((1, local_len, 1, 1), float(length) ** (-float(alpha)), jnp.float32)
+    shard, chunk = jax.lax.axis_index("seq"), local_len // 2
+    starts = jnp.stack(_chunk_ids(shard, n, causal)) * chunk
+    counts = (starts[:, None] + jnp.arange(chunk)[None, :]).reshape(-1) + 1
+    return (counts.astype(jnp.float32) ** (-float(alpha)))[None, :, None, None]
 
   def block_sums(q, kb, vb, src):
     shard = jax.lax.axis_index("seq")
@@ -234,9 +239,8 @@ def _pointwise_ring(q, k, v, *, mesh, causal, layout, activation="relu", alpha=1
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
   ring.defvjp(ring_fwd, ring_bwd)
-  scale_spec = P(None, "seq", None, None)
-  out = jax.shard_map(ring, mesh=mesh, in_specs=(spec, spec, spec, scale_spec), out_specs=spec,
-                      check_vma=False)(q, k, v, length_scale)
+  out = jax.shard_map(lambda q, k, v: ring(q, k, v, local_length_scale(q.shape[1])),
+                      mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
   if causal and layout == "natural":
     out = from_zigzag(out, n)
   return out
