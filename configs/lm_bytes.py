@@ -21,7 +21,7 @@ def get_config(arg=None):
   config.task = "lm"
 
   config.data = dict(name="byte_text", data_dir=overridable(None, str),
-                     source_dir=overridable(None, str), glob="*.py", seq_len=arg.seq_len)
+                     source_dir=overridable(None, str), glob="**/*.py", seq_len=arg.seq_len)
 
   config.model = dict(
       name="lm",

@@ -68,50 +68,106 @@ def visible_key_counts(mask: jax.Array | None, q_len: int, kv_len: int, *,
   return jnp.sum(full, axis=-1, keepdims=True, dtype=jnp.int32)
 
 
-def _length_scale(mask, q_len, kv_len, *, causal, kv_length, alpha) -> jax.Array:
-  """L^-alpha as float32, broadcastable to `[batch, heads, q_len, 1]`."""
+def _length_scale(mask, q_len, kv_len, *, causal, kv_length, alpha,
+                  dtype=jnp.float32) -> jax.Array:
+  """L^-alpha (float32, or float64 under x64 inputs), broadcastable to `[batch, heads, q_len, 1]`."""
   if kv_length is None:
     counts = visible_key_counts(mask, q_len, kv_len, causal=causal)
   else:
     counts = jnp.asarray(kv_length)
     counts = counts.reshape((1,) * (3 - counts.ndim) + counts.shape)[..., None]
-  counts = jnp.maximum(counts.astype(jnp.float32), 1.0)  # a query that sees nothing outputs 0
+  counts = jnp.maximum(counts.astype(dtype), 1.0)  # a query that sees nothing outputs 0
   return counts ** (-float(alpha))
 
 
-def _block_valid(mask_block, q_len, block_size, kv_len, block_index, causal):
-  """Which (query, key) pairs of one key block count, `[.., q_len, block_size]`."""
-  k_pos = block_index * block_size + jnp.arange(block_size)
-  valid = (k_pos < kv_len)[None, None, None, :]
-  if causal:
-    valid = valid & (k_pos[None, :] <= jnp.arange(q_len)[:, None])[None, None]
-  if mask_block is not None:
-    valid = valid & mask_block
+# ---------------------------------------------------------------------------------------
+# Blockwise path: a loop over block_size x block_size tiles of the score matrix with a
+# custom VJP. Memory is O(block_size^2 + L * head_dim) per (batch, head), linear in length.
+#
+# Layout choices for XLA:CPU: q, k, v are tiled once to `[tiles, B, H, tile, D]` (batch and
+# heads leading, a tile a contiguous slice), so every matmul below is a batched GEMM whose
+# left operand contracts over its minor dimension (those go to XLA:CPU's fast dot path; a
+# left operand contracting over its major dimension falls back to a slower one). The
+# backward pass therefore works on transposed tiles, s^T = k q^T `[.., tile_k, tile_q]`:
+# dv = h(s^T) do and dk = ds^T q contract over the minor axis of s^T, and dq^T = k^T ds^T
+# uses the pre-transposed keys `[.., D, tile_k]`; dq is accumulated transposed.
+#
+# Padding: the last tile of q, k, v (and of the cotangent) is padded with zeros. A zero
+# value row contributes nothing to the output and a zero key/query row receives and passes
+# no gradient, whatever h(0) is, so padding needs no mask. Key-only masks
+# (`[.., 1, kv_len]`) are applied the same way, by zeroing the hidden keys and values (and
+# their gradients); query-only masks (`[.., q_len, 1]`) by zeroing the hidden queries and
+# their outputs. Only a mask that varies along both axes is sliced per tile. Causal runs
+# visit only tiles on or below the diagonal and mask just the diagonal tile.
+
+
+def _tile_size(block_size, q_len, kv_len):
+  """Square tiles: block_size, but no larger than the longer of the two lengths."""
+  return max(1, min(block_size, max(q_len, kv_len)))
+
+
+def _split_mask(mask):
+  """(key_mask `[B', L, H', 1]`, query_mask `[B', L, H', 1]`, general `[B', H', Lq, Lk]`)."""
+  if mask is None:
+    return None, None, None
+  if mask.shape[-2] == 1:  # the same keys for every query (padding masks)
+    return jnp.swapaxes(mask[..., 0, :], 1, 2)[..., None], None, None
+  if mask.shape[-1] == 1:  # every key or none, per query
+    return None, jnp.swapaxes(mask[..., 0], 1, 2)[..., None], None
+  return None, None, mask
+
+
+def _zero_where_hidden(x, keep):
+  return x if keep is None else jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
+def _to_tiles(x, num_tiles, tile):
+  """`[B, L, H, D]` -> `[num_tiles, B, H, tile, D]`, zero-padded along L."""
+  b, length, h, d = x.shape
+  x = jnp.pad(x, ((0, 0), (0, num_tiles * tile - length), (0, 0), (0, 0)))
+  return x.reshape(b, num_tiles, tile, h, d).transpose(1, 0, 3, 2, 4)
+
+
+def _from_tiles(x, length):
+  """`[num_tiles, B, H, tile, D]` -> `[B, length, H, D]`."""
+  n, b, h, tile, d = x.shape
+  return x.transpose(1, 0, 3, 2, 4).reshape(b, n * tile, h, d)[:, :length]
+
+
+def _tile_mask(general, causal, i, j, tile, *, transpose=False):
+  """Which pairs of tile (query tile i, key tile j) count; None when all of them do."""
+  valid = None
+  if causal:  # key position <= query position
+    offsets = jnp.arange(tile)
+    valid = (j * tile + offsets)[None, :] <= (i * tile + offsets)[:, None]
+  if general is not None:
+    m = jax.lax.dynamic_slice(general, (0, 0, i * tile, j * tile),
+                              general.shape[:2] + (tile, tile))
+    valid = m if valid is None else valid & m
+  if valid is not None and transpose:
+    valid = jnp.swapaxes(valid, -1, -2)
   return valid
 
 
-def _key_blocks(k, v, mask, block_size):
-  """Splits keys, values (as `[blocks, batch, heads, block, dim]`) and mask into blocks."""
-  b, kv_len, h, _ = k.shape
-  num_blocks = -(-kv_len // block_size)
-  pad = num_blocks * block_size - kv_len
-
-  def split(x):  # [B, L, H, D] -> [nb, B, H, bs, D]
-    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    x = x.reshape(b, num_blocks, block_size, h, x.shape[-1])
-    return x.transpose(1, 0, 3, 2, 4)
-
-  mask_blocks = None
-  if mask is not None:
-    m = jnp.pad(mask, ((0, 0),) * 3 + ((0, pad),))
-    m = m.reshape(m.shape[:3] + (num_blocks, block_size))
-    mask_blocks = jnp.moveaxis(m, 3, 0)
-  return num_blocks, split(k), split(v), mask_blocks
+def _blockwise_setup(q, k, v, mask, block_size):
+  q_len, kv_len = q.shape[1], k.shape[1]
+  tile = _tile_size(block_size, q_len, kv_len)
+  nq, nk = -(-q_len // tile), -(-kv_len // tile)
+  key_keep, query_keep, general = _split_mask(mask)
+  if general is not None:  # padded tiles are hidden
+    general = jnp.broadcast_to(general, general.shape[:2] + (q_len, kv_len))
+    general = jnp.pad(general, ((0, 0), (0, 0), (0, nq * tile - q_len),
+                                (0, nk * tile - kv_len)))
+  return tile, nq, nk, key_keep, query_keep, general
 
 
-def _scan_blocks(body, init, num_blocks, kb, vb, mb):
-  xs = (jnp.arange(num_blocks), kb, vb, mb)
-  return jax.lax.scan(body, init, xs)
+def _key_tile_loop(body, init, num_tiles, diagonal):
+  """body(j, carry, on_diagonal) over key tiles 0..num_tiles-1, or, causal (`diagonal` not
+  None), over 0..diagonal-1 unmasked and then the diagonal tile masked."""
+  if diagonal is None:
+    return jax.lax.fori_loop(0, num_tiles, lambda j, c: body(j, c, False), init)
+  carry = jax.lax.fori_loop(0, diagonal, lambda j, c: body(j, c, False), init)
+  return body(diagonal, carry, True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -121,52 +177,96 @@ def _blockwise(q, k, v, mask, length_scale, activation, scale, causal, block_siz
 
 def _blockwise_fwd(q, k, v, mask, length_scale, activation, scale, causal, block_size):
   h = ACTIVATIONS[activation]
-  kv_len, q_len = k.shape[1], q.shape[1]
-  num_blocks, kb, vb, mb = _key_blocks(k, v, mask, block_size)
-  qt = q.transpose(0, 2, 1, 3)  # [B, H, Lq, D]: batch dims leading, no per-block copies
+  b, q_len, heads, _ = q.shape
+  kv_len, dv = k.shape[1], v.shape[-1]
+  acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  if q_len == 0 or kv_len == 0:  # nothing to loop over; a query without keys outputs 0
+    return jnp.zeros(q.shape[:3] + (dv,), q.dtype), (q, k, v, mask, length_scale)
+  tile, nq, nk, key_keep, query_keep, general = _blockwise_setup(q, k, v, mask, block_size)
+  qt = _to_tiles(_zero_where_hidden(q, query_keep), nq, tile)
+  kt = _to_tiles(_zero_where_hidden(k, key_keep), nk, tile)
+  vt = _to_tiles(_zero_where_hidden(v, key_keep), nk, tile)
 
-  def body(acc, xs):
-    i, kblk, vblk, mblk = xs
-    s = jnp.einsum("bhqd,bhkd->bhqk", qt, kblk, preferred_element_type=jnp.float32) * scale
-    valid = _block_valid(mblk, q_len, block_size, kv_len, i, causal)
-    w = jnp.where(valid, h(s), 0.0).astype(vblk.dtype)
-    return acc + jnp.einsum("bhqk,bhkd->bhqd", w, vblk, preferred_element_type=jnp.float32), None
+  def query_tile(_, i):
+    qi = qt[i]
 
-  acc0 = jnp.zeros(qt.shape[:3] + (v.shape[-1],), jnp.float32)
-  acc, _ = _scan_blocks(body, acc0, num_blocks, kb, vb, mb)
-  out = (acc * length_scale).astype(q.dtype).transpose(0, 2, 1, 3)
-  return out, (q, k, v, mask, length_scale)
+    def key_tile(j, acc, diagonal):
+      s = jnp.einsum("bhqd,bhkd->bhqk", qi, kt[j], preferred_element_type=acc_dtype)
+      w = h(s * scale)
+      valid = _tile_mask(general, causal and diagonal, i, j, tile)
+      if valid is not None:
+        w = jnp.where(valid, w, 0.0)
+      return acc + jnp.einsum("bhqk,bhkd->bhqd", w.astype(v.dtype), vt[j],
+                              preferred_element_type=acc_dtype)
+
+    acc = jnp.zeros((b, heads, tile, dv), acc_dtype)
+    # Causal: key tiles 0..i-1 are wholly visible, tile i is the diagonal (when the keys
+    # are shorter than the queries the last key tile is wholly visible and its mask all
+    # True), later ones hidden.
+    diagonal = jnp.minimum(i, nk - 1) if causal else None
+    return None, _key_tile_loop(key_tile, acc, nk, diagonal)
+
+  _, out = jax.lax.scan(query_tile, None, jnp.arange(nq))
+  out = _from_tiles(out, q_len) * jnp.swapaxes(length_scale, 1, 2).astype(acc_dtype)
+  out = _zero_where_hidden(out, query_keep)
+  return out.astype(q.dtype), (q, k, v, mask, length_scale)
 
 
 def _blockwise_bwd(activation, scale, causal, block_size, residuals, g):
   q, k, v, mask, length_scale = residuals
   h = ACTIVATIONS[activation]
-  b, kv_len, heads, _ = k.shape
-  q_len = q.shape[1]
-  num_blocks, kb, vb, mb = _key_blocks(k, v, mask, block_size)
-  qt = q.transpose(0, 2, 1, 3).astype(jnp.float32)
-  gt = g.transpose(0, 2, 1, 3).astype(jnp.float32) * length_scale  # dL/d(sum_j h(s_ij) v_j)
+  b, q_len, heads, d = q.shape
+  kv_len, dv_dim = k.shape[1], v.shape[-1]
+  acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  if q_len == 0 or kv_len == 0:
+    return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None, None
+  tile, nq, nk, key_keep, query_keep, general = _blockwise_setup(q, k, v, mask, block_size)
+  # dL/d(sum_j h(s_ij) v_j): the cotangent times L^-alpha; zero for hidden queries.
+  g = g.astype(acc_dtype) * jnp.swapaxes(length_scale, 1, 2).astype(acc_dtype)
+  gt = _to_tiles(_zero_where_hidden(g, query_keep), nq, tile)
+  qt = _to_tiles(_zero_where_hidden(q, query_keep).astype(acc_dtype), nq, tile)
+  kt = _to_tiles(_zero_where_hidden(k, key_keep).astype(acc_dtype), nk, tile)
+  vt = _to_tiles(_zero_where_hidden(v, key_keep).astype(acc_dtype), nk, tile)
+  ktt = jnp.swapaxes(kt, -1, -2)  # [nk, B, H, D, tile]: left operand of dq^T = k^T ds^T
 
-  def body(dq, xs):
-    i, kblk, vblk, mblk = xs
-    kblk, vblk = kblk.astype(jnp.float32), vblk.astype(jnp.float32)
-    s = jnp.einsum("bhqd,bhkd->bhqk", qt, kblk) * scale
-    hs, dhs = jax.jvp(h, (s,), (jnp.ones_like(s),))  # h and h' entry by entry
-    valid = _block_valid(mblk, q_len, block_size, kv_len, i, causal)
-    w = jnp.where(valid, hs, 0.0)
-    dv = jnp.einsum("bhqk,bhqd->bhkd", w, gt)
-    ds = jnp.where(valid, jnp.einsum("bhqd,bhkd->bhqk", gt, vblk) * dhs, 0.0) * scale
-    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, qt)
-    return dq + jnp.einsum("bhqk,bhkd->bhqd", ds, kblk), (dk, dv)
+  def key_tile(dqt, j):
+    kj, vj, kjt = kt[j], vt[j], ktt[j]
 
-  dq, (dkb, dvb) = _scan_blocks(body, jnp.zeros_like(qt), num_blocks, kb, vb, mb)
+    def query_tile(i, carry, diagonal):
+      dk, dv, dqt = carry
+      qi, gi = qt[i], gt[i]
+      st = jnp.einsum("bhkd,bhqd->bhkq", kj, qi, preferred_element_type=acc_dtype) * scale
+      dpt = jnp.einsum("bhkd,bhqd->bhkq", vj, gi, preferred_element_type=acc_dtype)
+      ht, dht = jax.jvp(h, (st,), (jnp.ones_like(st),))  # h and h' in one pass
+      dst = dpt * dht * scale
+      valid = _tile_mask(general, causal and diagonal, i, j, tile, transpose=True)
+      if valid is not None:
+        ht, dst = jnp.where(valid, ht, 0.0), jnp.where(valid, dst, 0.0)
+      dv = dv + jnp.einsum("bhkq,bhqd->bhkd", ht, gi, preferred_element_type=acc_dtype)
+      dk = dk + jnp.einsum("bhkq,bhqd->bhkd", dst, qi, preferred_element_type=acc_dtype)
+      dq_i = jnp.einsum("bhdk,bhkq->bhdq", kjt, dst, preferred_element_type=acc_dtype)
+      return dk, dv, dqt.at[i].add(dq_i)
 
-  def unblock(x, like):  # [nb, B, H, bs, D] -> [B, L, H, D]
-    x = x.transpose(1, 0, 3, 2, 4).reshape(b, num_blocks * block_size, heads, x.shape[-1])
-    return x[:, :kv_len].astype(like.dtype)
+    init = (jnp.zeros((b, heads, tile, d), acc_dtype),
+            jnp.zeros((b, heads, tile, dv_dim), acc_dtype), dqt)
+    if causal:
+      # Query tiles after j see key tile j whole; tile j is the diagonal; earlier ones
+      # see none of it. Key tiles past the last query tile (kv_len > q_len) are seen by
+      # no query: the masked step on the last query tile then contributes zeros.
+      diagonal = jnp.minimum(j, nq - 1)
+      carry = query_tile(diagonal, init, True)
+      carry = jax.lax.fori_loop(diagonal + 1, nq, lambda i, c: query_tile(i, c, False), carry)
+    else:
+      carry = jax.lax.fori_loop(0, nq, lambda i, c: query_tile(i, c, False), init)
+    dk, dv, dqt = carry
+    return dqt, (dk, dv)
 
-  dq = dq.transpose(0, 2, 1, 3).astype(q.dtype)
-  return dq, unblock(dkb, k), unblock(dvb, v), None, None
+  dqt0 = jnp.zeros((nq, b, heads, d, tile), acc_dtype)
+  dqt, (dk, dv) = jax.lax.scan(key_tile, dqt0, jnp.arange(nk))
+  dq = _zero_where_hidden(_from_tiles(jnp.swapaxes(dqt, -1, -2), q_len), query_keep)
+  dk = _zero_where_hidden(_from_tiles(dk, kv_len), key_keep)
+  dv = _zero_where_hidden(_from_tiles(dv, kv_len), key_keep)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
@@ -193,23 +293,25 @@ def pointwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       memory linear in length). Any kv_len works: the last block is padded and masked.
 
   Returns:
-    `[batch, q_len, heads, head_dim]` in q's dtype; accumulation is in float32.
+    `[batch, q_len, heads, head_dim]` in q's dtype; accumulation is in float32 (float64
+    for float64 inputs).
   """
   check_options(activation, alpha, block_size)
   masking.check_qkv(q, k, v)
   mask = masking.check_mask(mask, q, k)
   q_len, kv_len = q.shape[1], k.shape[1]
   scale = 1.0 / math.sqrt(q.shape[-1])
+  acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
   length_scale = _length_scale(mask, q_len, kv_len, causal=causal, kv_length=kv_length,
-                               alpha=alpha)
+                               alpha=alpha, dtype=acc_dtype)
   if block_size is not None:
     return _blockwise(q, k, v, mask, length_scale, activation, scale, causal, block_size)
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc_dtype) * scale
   w = ACTIVATIONS[activation](s)
   full_mask = masking.combine_masks(mask, q_len, kv_len, causal=causal)
   if full_mask is not None:
     w = jnp.where(full_mask, w, 0.0)
-  out = jnp.einsum("bhqk,bkhd->bhqd", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = jnp.einsum("bhqk,bkhd->bhqd", w.astype(v.dtype), v, preferred_element_type=acc_dtype)
   return (out * length_scale).astype(q.dtype).transpose(0, 2, 1, 3)
 
 
@@ -223,9 +325,13 @@ class PointwiseAttention(MultiHeadDotProductAttention):
     super().__init__(width, num_heads, causal=causal, **kwargs)
     self.activation, self.alpha, self.block_size = activation, float(alpha), block_size
 
+  sequence_parallel_core = "pointwise"
+
+  def core_options(self):
+    return dict(activation=self.activation, alpha=self.alpha, block_size=self.block_size)
+
   def attend(self, q, k, v, *, mask=None):
-    return pointwise_attention(q, k, v, activation=self.activation, alpha=self.alpha,
-                               causal=self.causal, mask=mask, block_size=self.block_size)
+    return pointwise_attention(q, k, v, causal=self.causal, mask=mask, **self.core_options())
 
 
 registry.register(

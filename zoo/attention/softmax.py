@@ -6,6 +6,7 @@ out_i = sum_j softmax_j(q_i . k_j / sqrt(d)) v_j   (Vaswani et al. 2017, Eq. 1).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from zoo.attention import masking
 from zoo.attention import registry
@@ -23,10 +24,17 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool 
     mask: boolean, broadcastable to `[batch, heads, q_len, kv_len]`, True = attend.
 
   Returns:
-    `[batch, q_len, heads, head_dim]` in q's dtype.
+    `[batch, q_len, heads, head_dim]` in q's dtype. float64 inputs take a plain einsum
+    path in float64 (jax.nn.dot_product_attention's softmax runs in float32).
   """
   masking.check_qkv(q, k, v)
   mask = masking.check_mask(mask, q, k)
+  if q.dtype == jnp.float64:  # dot_product_attention computes its softmax in float32
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    full = masking.combine_masks(mask, q.shape[1], k.shape[1], causal=causal)
+    if full is not None:
+      s = jnp.where(full, s, jnp.finfo(s.dtype).min)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
 
 

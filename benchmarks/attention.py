@@ -1,0 +1,254 @@
+"""Forward+backward speed and memory of attention functional cores.
+
+    python benchmarks/attention.py --lengths 512 1024 2048 4096 8192 \
+        --kinds softmax relu_dense relu_blockwise --out results/attention.json
+
+For each kind and length this jits `value_and_grad` of `sum(attn(q, k, v) * g)` with
+respect to q, k, v (the forward output is returned too, so no kind can drop its forward
+pass), measures the compile time, the median wall time over `--repeats` runs
+(`block_until_ready`), the compiled temporary memory (`memory_analysis()`), and achieved
+GFLOP/s. In the same run a plain `[N, N] x [N, N]` matmul (`--matmul-size`) gives the
+machine's reference GFLOP/s: once at the start, once at the end, and (unless
+`--no-nearby-matmul`) right before and after every measurement, so that "% matmul" compares
+against the machine as it was at that moment (other load on a shared machine changes both).
+
+FLOP convention (also written to the JSON): forward = 4*B*H*Lq*Lk*D (the two matmuls
+q.k^T and w.v, 2 flops per multiply-add), backward = 2x forward (dV, dW, dQ, dK), so a
+forward+backward step counts 12*B*H*Lq*Lk*D. Causal runs count the same (full square), and
+recomputation inside a memory-efficient backward is not counted: it is overhead.
+
+To add a family, add an entry to `KINDS`: name -> function(args) returning
+`attn(q, k, v) -> out` on `[batch, length, heads, head_dim]` arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from zoo.attention.pointwise import pointwise_attention  # noqa: E402
+from zoo.attention.softmax import softmax_attention  # noqa: E402
+
+
+def _softmax(args):
+  return lambda q, k, v: softmax_attention(q, k, v, causal=args.causal)
+
+
+def _relu_dense(args):
+  return lambda q, k, v: pointwise_attention(q, k, v, activation="relu", alpha=1.0,
+                                             causal=args.causal)
+
+
+def _relu_blockwise(args):
+  return lambda q, k, v: pointwise_attention(q, k, v, activation="relu", alpha=1.0,
+                                             causal=args.causal,
+                                             block_size=args.block_size)
+
+
+KINDS = {
+    "softmax": _softmax,
+    "relu_dense": _relu_dense,
+    "relu_blockwise": _relu_blockwise,
+}
+
+# Kinds whose memory grows with Lq * Lk: skipped up front when the score matrices alone
+# (a few [B, H, Lq, Lk] float32 arrays) would not fit. Others are checked after compiling.
+QUADRATIC = {"softmax", "relu_dense"}
+SCORE_COPIES = 4  # score-sized temporaries a dense fwd+bwd keeps, roughly (measured: 3-5)
+
+
+def total_memory_bytes() -> int:
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError):
+    return 24 << 30
+
+
+def timed(fn, *xs, repeats):
+  jax.block_until_ready(fn(*xs))  # warm-up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*xs))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+def matmul_reference(n: int, dtype, repeats: int) -> dict:
+  ka, kb = jax.random.split(jax.random.key(1))
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
+  fn = jax.jit(jnp.matmul)
+  t, _ = timed(fn, a, b, repeats=repeats)
+  return {"shape": [n, n, n], "seconds": t, "gflops": 2 * n**3 / t / 1e9}
+
+
+def bench_one(kind, attn, args, length, dtype, mem_limit, reference=None) -> dict:
+  b, h, d = args.batch, args.heads, args.head_dim
+  row = {"kind": kind, "length": length}
+  flops_fwd = 4 * b * h * length * length * d
+  row["flops"] = 3 * flops_fwd
+  if kind in QUADRATIC:
+    need = SCORE_COPIES * b * h * length * length * 4
+    if need > mem_limit:
+      row["skipped"] = (f"needs about {need / 2**30:.1f} GiB ({SCORE_COPIES} score-sized "
+                        f"float32 arrays) > limit {mem_limit / 2**30:.1f} GiB")
+      return row
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, g = (jax.random.normal(kk, (b, length, h, d), dtype) for kk in keys)
+
+  def loss(q, k, v, g):
+    out = attn(q, k, v)
+    return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32))
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  t0 = time.perf_counter()
+  compiled = step.lower(q, k, v, g).compile()
+  row["compile_s"] = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    row["temp_bytes"] = int(mem.temp_size_in_bytes)
+    row["argument_bytes"] = int(mem.argument_size_in_bytes)
+    row["output_bytes"] = int(mem.output_size_in_bytes)
+    total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+    if total > mem_limit:
+      row["skipped"] = (f"compiled program needs {total / 2**30:.1f} GiB > limit "
+                        f"{mem_limit / 2**30:.1f} GiB")
+      return row
+  before = reference() if reference else None
+  t, times = timed(compiled, q, k, v, g, repeats=args.repeats)
+  if reference:
+    after = reference()
+    row["matmul_gflops_nearby"] = statistics.mean([before["gflops"], after["gflops"]])
+  row["seconds"] = t
+  row["all_seconds"] = times
+  row["gflops"] = row["flops"] / t / 1e9
+  return row
+
+
+def compare(rows, baseline):
+  """Speed and temporary memory of every kind relative to `baseline`, per length."""
+  by = {(r["kind"], r["length"]): r for r in rows if "seconds" in r}
+  out = []
+  for (kind, length), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    base = by.get((baseline, length))
+    if kind == baseline or base is None:
+      continue
+    out.append({"kind": kind, "baseline": baseline, "length": length,
+                "speedup": base["seconds"] / r["seconds"],
+                "temp_ratio": r.get("temp_bytes", 0) / max(1, base.get("temp_bytes", 1))})
+  return out
+
+
+def memory_growth(rows):
+  """Per kind, the ratio of temporary memory between consecutive lengths."""
+  growth = {}
+  for kind in dict.fromkeys(r["kind"] for r in rows):
+    pts = sorted((r["length"], r["temp_bytes"]) for r in rows
+                 if r["kind"] == kind and r.get("temp_bytes"))
+    growth[kind] = [b2 / b1 for (_, b1), (_, b2) in zip(pts, pts[1:])]
+  return growth
+
+
+def fmt_bytes(n):
+  return "-" if n is None else f"{n / 2**20:9.1f}"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+  p.add_argument("--kinds", nargs="+", default=["softmax", "relu_dense", "relu_blockwise"],
+                 choices=sorted(KINDS))
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--head-dim", type=int, default=64)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--block-size", type=int, default=256,
+                 help="relu_blockwise tile size (block_size x block_size tiles); 256 was "
+                      "the fastest on the 2-core test machine")
+  p.add_argument("--causal", action="store_true")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--matmul-size", type=int, default=4096,
+                 help="N of the [N, N] x [N, N] reference matmul")
+  p.add_argument("--no-nearby-matmul", action="store_true",
+                 help="compare with the start-of-run matmul only")
+  p.add_argument("--memory-limit-gib", type=float, default=None,
+                 help="skip runs needing more (default: physical memory)")
+  p.add_argument("--out", default="results/attention.json")
+  args = p.parse_args(argv)
+
+  dtype = jnp.dtype(args.dtype)
+  mem_limit = (int(args.memory_limit_gib * 2**30) if args.memory_limit_gib
+               else total_memory_bytes())
+  dev = jax.devices()[0]
+  info = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "platform": platform.platform(), "processor": platform.processor(),
+      "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
+      "backend": dev.platform, "device_kind": dev.device_kind,
+      "memory_limit_bytes": mem_limit,
+  }
+  config = {k: v for k, v in vars(args).items() if k != "out"}
+  flop_convention = ("forward 4*B*H*Lq*Lk*D (two matmuls, 2 flops per multiply-add), "
+                     "backward 2x forward; one fwd+bwd step = 12*B*H*Lq*Lk*D; causal "
+                     "counted as full; backward recomputation not counted")
+  print(f"# {info['date']}  jax {jax.__version__}  {dev.device_kind}  "
+        f"{info['cpu_count']} cpus  B={args.batch} H={args.heads} D={args.head_dim} "
+        f"{args.dtype} causal={args.causal} block_size={args.block_size}", flush=True)
+  mm = matmul_reference(args.matmul_size, dtype, args.repeats)
+  print(f"# matmul {args.matmul_size}^3: {mm['seconds'] * 1e3:.1f} ms, "
+        f"{mm['gflops']:.1f} GFLOP/s", flush=True)
+
+  reference = None
+  if not args.no_nearby_matmul:
+    reference = lambda: matmul_reference(args.matmul_size, dtype, max(2, args.repeats // 2))  # noqa: E731
+  rows = []
+  header = (f"{'kind':>16} {'length':>6} {'compile s':>9} {'fwd+bwd ms':>10} "
+            f"{'GFLOP/s':>8} {'matmul':>7} {'% matmul':>8} {'temp MiB':>9}")
+  print(header)
+  for length in args.lengths:
+    for kind in args.kinds:
+      row = bench_one(kind, KINDS[kind](args), args, length, dtype, mem_limit, reference)
+      if "gflops" in row:
+        ref = row.get("matmul_gflops_nearby", mm["gflops"])
+        row["fraction_of_matmul"] = row["gflops"] / ref
+        print(f"{kind:>16} {length:>6} {row['compile_s']:9.2f} {row['seconds'] * 1e3:10.1f} "
+              f"{row['gflops']:8.1f} {ref:7.1f} {100 * row['fraction_of_matmul']:7.1f}% "
+              f"{fmt_bytes(row.get('temp_bytes'))}", flush=True)
+      else:
+        print(f"{kind:>16} {length:>6}  skipped: {row['skipped']}", flush=True)
+      rows.append(row)
+  # A second matmul measurement after the runs, to show drift (other load on the machine).
+  mm_after = matmul_reference(args.matmul_size, dtype, args.repeats)
+  print(f"# matmul again: {mm_after['gflops']:.1f} GFLOP/s", flush=True)
+  comparisons = compare(rows, baseline="softmax")
+  for c in comparisons:
+    print(f"# {c['kind']} vs {c['baseline']} at {c['length']}: {c['speedup']:.2f}x faster, "
+          f"{c['temp_ratio']:.3f}x the temporary memory")
+  for kind, growth in memory_growth(rows).items():
+    print(f"# {kind} temporary memory per doubling of length: "
+          + ", ".join(f"{g:.2f}x" for g in growth))
+
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({"machine": info, "config": config,
+                             "flop_convention": flop_convention, "matmul": mm,
+                             "matmul_after": mm_after, "results": rows,
+                             "comparisons": comparisons,
+                             "temp_memory_growth": memory_growth(rows)}, indent=1))
+  print(f"# wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
