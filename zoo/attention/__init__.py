@@ -10,6 +10,7 @@ from zoo.attention import softmax
 from zoo.attention import soft
 from zoo.attention import adaptive_span
 from zoo.attention import persistent
+from zoo.attention import aft
 from zoo.attention.pointwise import pointwise_attention
 from zoo.attention.registry import get, make, names, validate
 from zoo.attention.softmax import softmax_attention
