@@ -16,9 +16,8 @@ on a `[batch, Tq, Tk, d]` tensor, written once for an array module `xp`, differe
 float64 with jax.grad (x64 enabled only inside `_x64()`) for the gradients.
 
 Tolerances: the zoo runs in float32 and the references in float64 on the same float32 inputs:
-rtol 1e-5, atol 1e-5 * max(1, max |ref|) (2e-5 for gradients). At x100 scale the problem
-itself is ill-conditioned in float32 (exponents of size ~500 carry ~3e-5 absolute rounding),
-so there the bound is 3e-4 relative to max |ref|.
+rtol 1e-5, atol 1e-5 * max(1, max |ref|) (2e-5 for gradients); at x100 the same atol with
+rtol 0 (sigmoid(100 q) puts many outputs near 0). Observed errors are ~1e-7 at both scales.
 """
 
 from __future__ import annotations
@@ -244,8 +243,9 @@ def _variant(variant, causal, t):
     km = None if km is None else np.asarray(km)
     if variant.startswith("conv"):
       return _loop_conv_shifted(q, k, v, w, causal=causal, grid=grid, key_mask=km)
-    return _loop_full(q, k, v, np.asarray(bias(np, np.asarray(w, np.float64))), causal=causal,
-                      key_mask=km)
+    w = np.asarray(w, np.float64)
+    w = {"full": w, "local": _local_w(w, WINDOW), "simple": np.zeros_like(w)}[variant]
+    return _loop_full(q, k, v, w, causal=causal, key_mask=km)
 
   return zoo, ref, loop
 
@@ -346,7 +346,7 @@ def test_fixture_rish16_aft_full():
     rish = ew @ (ek * proj("to_v")) / (ew @ ek)
   assert not np.all(np.isfinite(rish)), "the x100 inputs should overflow rish16's form"
   y100 = model(jnp.asarray(x100))
-  _close(y100, _rish16_reference(d, x100), "rish16 x100", tol=3e-4, rtol=0)
+  _close(y100, _rish16_reference(d, x100), "rish16 x100", rtol=0)
 
 
 def test_fixture_factorized_causal():
@@ -493,7 +493,7 @@ def test_stable_at_x100(variant, causal):
   """q, k and w x100: finite, and equal to the float64 reference (values and gradients),
   with and without padding. (The x100 inputs make the fast AFT-full path underflow, so this
   also runs its exact fallback.)"""
-  _check_core(variant, causal, 9, scale=100.0, seed=3, tol=3e-4)
+  _check_core(variant, causal, 9, scale=100.0, seed=3, tol=ATOL)
 
 
 def test_conv_kernel_reparameterisation():
