@@ -54,11 +54,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, data_dir):
   assert 0.0 <= straight["eval"]["accuracy"] <= 1.0
 
 
-def test_sigint_saves_a_checkpoint_and_stops(tmp_path, data_dir, monkeypatch):
-  config = _vit_config(data_dir)
+def _wrap_train_iterator(monkeypatch, on_batch):
+  """Makes the trainer's train iterator pass each batch through `on_batch(count, batch)`."""
   real = data_lib.make_iterator
 
-  def interrupting(*args, **kwargs):
+  def wrapped(*args, **kwargs):
     it = real(*args, **kwargs)
     if not kwargs.get("train"):
       return it
@@ -67,16 +67,25 @@ def test_sigint_saves_a_checkpoint_and_stops(tmp_path, data_dir, monkeypatch):
       count = 0
       def __next__(self):
         Wrapped.count += 1
-        if Wrapped.count == 3:
-          os.kill(os.getpid(), signal.SIGINT)
-        return next(it)
+        return on_batch(Wrapped.count, next(it))
       def get_state(self):
         return it.get_state()
       def set_state(self, s):
         it.set_state(s)
     return Wrapped()
 
-  monkeypatch.setattr(data_lib, "make_iterator", interrupting)
+  monkeypatch.setattr(data_lib, "make_iterator", wrapped)
+
+
+def test_sigint_saves_a_checkpoint_and_stops(tmp_path, data_dir, monkeypatch):
+  config = _vit_config(data_dir)
+
+  def interrupt(count, batch):
+    if count == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+    return batch
+
+  _wrap_train_iterator(monkeypatch, interrupt)
   result = training.train(config, str(tmp_path), progress=False)
   assert result["status"] == "interrupted" and result["step"] == 3
   assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() == 3
@@ -84,28 +93,8 @@ def test_sigint_saves_a_checkpoint_and_stops(tmp_path, data_dir, monkeypatch):
 
 def test_nan_loss_stops_without_overwriting_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
   config = _vit_config(data_dir)
-  real = data_lib.make_iterator
-
-  def poisoned(*args, **kwargs):
-    it = real(*args, **kwargs)
-    if not kwargs.get("train"):
-      return it
-
-    class Wrapped:
-      count = 0
-      def __next__(self):
-        Wrapped.count += 1
-        batch = next(it)
-        if Wrapped.count >= 6:
-          batch = {**batch, "image": batch["image"] * np.nan}
-        return batch
-      def get_state(self):
-        return it.get_state()
-      def set_state(self, s):
-        it.set_state(s)
-    return Wrapped()
-
-  monkeypatch.setattr(data_lib, "make_iterator", poisoned)
+  _wrap_train_iterator(monkeypatch, lambda count, batch: (
+      {**batch, "image": batch["image"] * np.nan} if count >= 6 else batch))
   with pytest.raises(training.NonFiniteLossError, match="became nan at step 6"):
     training.train(config, str(tmp_path), progress=False)
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
