@@ -7,7 +7,9 @@ For each kind and length this jits `value_and_grad` of `sum(attn(q, k, v) * g)` 
 respect to q, k, v (the forward output is returned too, so no kind can drop its forward
 pass), measures the compile time, the median wall time over `--repeats` runs
 (`block_until_ready`), the compiled temporary memory (`memory_analysis()`), and achieved
-GFLOP/s. In the same run a plain `[N, N] x [N, N]` matmul (`--matmul-size`) gives the
+GFLOP/s; also the process CPU time per step and GFLOP per CPU-second against the
+matmul's ("%mm cpu": on a shared machine CPU time is less disturbed by other load than
+wall time). In the same run a plain `[N, N] x [N, N]` matmul (`--matmul-size`) gives the
 machine's reference GFLOP/s: once at the start, once at the end, and (unless
 `--no-nearby-matmul`) right before and after every measurement, so that "% matmul" compares
 against the machine as it was at that moment (other load on a shared machine changes both).
@@ -29,6 +31,7 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -75,14 +78,21 @@ def total_memory_bytes() -> int:
     return 24 << 30
 
 
+def process_cpu_seconds():
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
 def timed(fn, *xs, repeats):
+  """Median wall seconds, all wall times, and median process CPU seconds per call."""
   jax.block_until_ready(fn(*xs))  # warm-up
-  times = []
+  times, cpu = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    c0, t0 = process_cpu_seconds(), time.perf_counter()
     jax.block_until_ready(fn(*xs))
     times.append(time.perf_counter() - t0)
-  return statistics.median(times), times
+    cpu.append(process_cpu_seconds() - c0)
+  return statistics.median(times), times, statistics.median(cpu)
 
 
 def matmul_reference(n: int, dtype, repeats: int) -> dict:
@@ -90,8 +100,8 @@ def matmul_reference(n: int, dtype, repeats: int) -> dict:
   a = jax.random.normal(ka, (n, n), dtype)
   b = jax.random.normal(kb, (n, n), dtype)
   fn = jax.jit(jnp.matmul)
-  t, _ = timed(fn, a, b, repeats=repeats)
-  return {"shape": [n, n, n], "seconds": t, "gflops": 2 * n**3 / t / 1e9}
+  t, _, cpu = timed(fn, a, b, repeats=repeats)
+  return {"shape": [n, n, n], "seconds": t, "gflops": 2 * n**3 / t / 1e9, "cpu_seconds": cpu}
 
 
 def bench_one(kind, attn, args, length, dtype, mem_limit, reference=None) -> dict:
@@ -127,13 +137,17 @@ def bench_one(kind, attn, args, length, dtype, mem_limit, reference=None) -> dic
                         f"{mem_limit / 2**30:.1f} GiB")
       return row
   before = reference() if reference else None
-  t, times = timed(compiled, q, k, v, g, repeats=args.repeats)
+  t, times, cpu = timed(compiled, q, k, v, g, repeats=args.repeats)
   if reference:
     after = reference()
     row["matmul_gflops_nearby"] = statistics.mean([before["gflops"], after["gflops"]])
+    row["matmul_cpu_gflops_nearby"] = statistics.mean(
+        [2 * args.matmul_size**3 / m["cpu_seconds"] / 1e9 for m in (before, after)])
   row["seconds"] = t
   row["all_seconds"] = times
+  row["cpu_seconds"] = cpu
   row["gflops"] = row["flops"] / t / 1e9
+  row["cpu_gflops"] = row["flops"] / cpu / 1e9  # per CPU-second
   return row
 
 
@@ -147,6 +161,7 @@ def compare(rows, baseline):
       continue
     out.append({"kind": kind, "baseline": baseline, "length": length,
                 "speedup": base["seconds"] / r["seconds"],
+                "cpu_time_ratio": base["cpu_seconds"] / r["cpu_seconds"],
                 "temp_ratio": r.get("temp_bytes", 0) / max(1, base.get("temp_bytes", 1))})
   return out
 
@@ -210,12 +225,14 @@ def main(argv=None):
   print(f"# matmul {args.matmul_size}^3: {mm['seconds'] * 1e3:.1f} ms, "
         f"{mm['gflops']:.1f} GFLOP/s", flush=True)
 
+  mm_cpu_gflops = 2 * args.matmul_size**3 / mm["cpu_seconds"] / 1e9
   reference = None
   if not args.no_nearby_matmul:
     reference = lambda: matmul_reference(args.matmul_size, dtype, max(2, args.repeats // 2))  # noqa: E731
   rows = []
   header = (f"{'kind':>16} {'length':>6} {'compile s':>9} {'fwd+bwd ms':>10} "
-            f"{'GFLOP/s':>8} {'matmul':>7} {'% matmul':>8} {'temp MiB':>9}")
+            f"{'cpu ms':>9} {'GFLOP/s':>8} {'matmul':>7} {'% matmul':>8} {'%mm cpu':>8} "
+            f"{'temp MiB':>9}")
   print(header)
   for length in args.lengths:
     for kind in args.kinds:
@@ -223,8 +240,12 @@ def main(argv=None):
       if "gflops" in row:
         ref = row.get("matmul_gflops_nearby", mm["gflops"])
         row["fraction_of_matmul"] = row["gflops"] / ref
+        ref_cpu = row.get("matmul_cpu_gflops_nearby", mm_cpu_gflops)
+        row["fraction_of_matmul_cpu"] = row["cpu_gflops"] / ref_cpu
         print(f"{kind:>16} {length:>6} {row['compile_s']:9.2f} {row['seconds'] * 1e3:10.1f} "
-              f"{row['gflops']:8.1f} {ref:7.1f} {100 * row['fraction_of_matmul']:7.1f}% "
+              f"{row['cpu_seconds'] * 1e3:9.1f} {row['gflops']:8.1f} {ref:7.1f} "
+              f"{100 * row['fraction_of_matmul']:7.1f}% "
+              f"{100 * row['fraction_of_matmul_cpu']:7.1f}% "
               f"{fmt_bytes(row.get('temp_bytes'))}", flush=True)
       else:
         print(f"{kind:>16} {length:>6}  skipped: {row['skipped']}", flush=True)
@@ -234,8 +255,9 @@ def main(argv=None):
   print(f"# matmul again: {mm_after['gflops']:.1f} GFLOP/s", flush=True)
   comparisons = compare(rows, baseline="softmax")
   for c in comparisons:
-    print(f"# {c['kind']} vs {c['baseline']} at {c['length']}: {c['speedup']:.2f}x faster, "
-          f"{c['temp_ratio']:.3f}x the temporary memory")
+    print(f"# {c['kind']} vs {c['baseline']} at {c['length']}: {c['speedup']:.2f}x faster "
+          f"(wall), {c['cpu_time_ratio']:.2f}x less CPU time, {c['temp_ratio']:.3f}x the "
+          f"temporary memory")
   for kind, growth in memory_growth(rows).items():
     print(f"# {kind} temporary memory per doubling of length: "
           + ", ".join(f"{g:.2f}x" for g in growth))
