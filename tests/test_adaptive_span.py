@@ -26,14 +26,7 @@ from zoo.attention import persistent as pers_lib
 from zoo.attention import registry
 from zoo.models.transformer_seq import TransformerSeq, load_authors_state_dict
 
-try:  # older jax
-  from jax.experimental import enable_x64 as _experimental_x64
-
-  def _x64():
-    return _experimental_x64()
-except ImportError:  # jax >= 0.9: jax.enable_x64 is itself a context manager
-  def _x64():
-    return jax.enable_x64(True)
+from tests.helpers import x64 as _x64
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TOL = 1e-10

@@ -36,14 +36,7 @@ from zoo.attention import aft
 from zoo.attention import registry
 from zoo.models import DecoderLM, ViT
 
-try:  # older jax
-  from jax.experimental import enable_x64 as _experimental_x64
-
-  def _x64():
-    return _experimental_x64()
-except ImportError:  # jax >= 0.9
-  def _x64():
-    return jax.enable_x64(True)
+from tests.helpers import x64 as _x64
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 RTOL, ATOL = 1e-5, 1e-5

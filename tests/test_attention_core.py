@@ -29,14 +29,7 @@ from flax import nnx
 from zoo.attention.pointwise import ACTIVATIONS, PointwiseAttention, pointwise_attention
 from zoo.attention.softmax import softmax_attention
 
-try:  # older jax
-  from jax.experimental import enable_x64 as _experimental_x64
-
-  def _x64():
-    return _experimental_x64()
-except ImportError:  # jax >= 0.9: jax.enable_x64 is itself a context manager
-  def _x64():
-    return jax.enable_x64(True)
+from tests.helpers import x64 as _x64
 
 RTOL = 1e-5
 ATOL = 1e-5  # times max(1, max |reference|)

@@ -30,14 +30,7 @@ OUTPUTS = ["y_softmax_0.0", "y_relu_1.0", "y_relu_0.5", "y_relu2_1.0", "y_gelu_1
            "y_sigmoid_1.0"]
 TOL = 1e-10
 
-try:  # older jax
-  from jax.experimental import enable_x64 as _experimental_x64
-
-  def _x64():
-    return _experimental_x64()
-except ImportError:  # jax >= 0.9: jax.enable_x64 is itself a context manager
-  def _x64():
-    return jax.enable_x64(True)
+from tests.helpers import x64 as _x64
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,7 @@ from zoo.attention import registry
 from zoo.attention import soft  # registers "soft"
 from zoo import models
 
-try:  # older jax
-  from jax.experimental import enable_x64 as _experimental_x64
-
-  def _x64():
-    return _experimental_x64()
-except ImportError:  # jax >= 0.9: jax.enable_x64 is itself a context manager
-  def _x64():
-    return jax.enable_x64(True)
+from tests.helpers import x64 as _x64
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
