@@ -19,14 +19,21 @@ q.k^T and w.v, 2 flops per multiply-add), backward = 2x forward (dV, dW, dQ, dK)
 forward+backward step counts 12*B*H*Lq*Lk*D. Causal runs count the same (full square), and
 recomputation inside a memory-efficient backward is not counted: it is overhead.
 
-To add a family, add an entry to `KINDS`: name -> function(args) returning
-`attn(q, k, v) -> out` on `[batch, length, heads, head_dim]` arrays.
+Families add kinds from `benchmarks/kinds_<family>.py` files, loaded at start: each defines
+`KINDS` (name -> function(args) returning `attn(q, k, v) -> out` on `[batch, length,
+heads, head_dim]` arrays; the function may build parameters), and optionally `FLOPS`
+(name -> function(args, length) -> FLOPs of one fwd+bwd step, for kinds that are not
+quadratic), `QUADRATIC` (kinds skipped when score matrices would not fit) and
+`DEFAULT_KINDS` (added to the default `--kinds` list). The summary reports, per kind, the
+slope of log(time) against log(length) (1 = linear, 2 = quadratic) and of temporary memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
+import math
 import json
 import os
 import pathlib
@@ -68,6 +75,23 @@ KINDS = {
 # Kinds whose memory grows with Lq * Lk: skipped up front when the score matrices alone
 # (a few [B, H, Lq, Lk] float32 arrays) would not fit. Others are checked after compiling.
 QUADRATIC = {"softmax", "relu_dense"}
+# Kinds whose FLOPs are not the quadratic formula: name -> f(args, length).
+FLOPS = {}
+DEFAULT_KINDS = ["softmax", "relu_dense", "relu_blockwise"]
+
+
+def _load_family_kinds():
+  for path in sorted(pathlib.Path(__file__).parent.glob("kinds_*.py")):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    KINDS.update(module.KINDS)
+    FLOPS.update(getattr(module, "FLOPS", {}))
+    QUADRATIC.update(getattr(module, "QUADRATIC", ()))
+    DEFAULT_KINDS.extend(getattr(module, "DEFAULT_KINDS", ()))
+
+
+_load_family_kinds()
 SCORE_COPIES = 4  # score-sized temporaries a dense fwd+bwd keeps, roughly (measured: 3-5)
 
 
@@ -107,8 +131,8 @@ def matmul_reference(n: int, dtype, repeats: int) -> dict:
 def bench_one(kind, attn, args, length, dtype, mem_limit, reference=None) -> dict:
   b, h, d = args.batch, args.heads, args.head_dim
   row = {"kind": kind, "length": length}
-  flops_fwd = 4 * b * h * length * length * d
-  row["flops"] = 3 * flops_fwd
+  row["flops"] = (FLOPS[kind](args, length) if kind in FLOPS
+                 else 3 * 4 * b * h * length * length * d)
   if kind in QUADRATIC:
     need = SCORE_COPIES * b * h * length * length * 4
     if need > mem_limit:
@@ -176,6 +200,21 @@ def memory_growth(rows):
   return growth
 
 
+def log_log_slopes(rows, key):
+  """Per kind, the least-squares slope of log(row[key]) against log(length)."""
+  slopes = {}
+  for kind in dict.fromkeys(r["kind"] for r in rows):
+    pts = [(math.log(r["length"]), math.log(r[key])) for r in rows
+           if r["kind"] == kind and r.get(key)]
+    if len(pts) < 2:
+      continue
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    slopes[kind] = (sum((x - mx) * (y - my) for x, y in pts)
+                    / sum((x - mx) ** 2 for x, _ in pts))
+  return slopes
+
+
 def fmt_bytes(n):
   return "-" if n is None else f"{n / 2**20:9.1f}"
 
@@ -183,8 +222,7 @@ def fmt_bytes(n):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-  p.add_argument("--kinds", nargs="+", default=["softmax", "relu_dense", "relu_blockwise"],
-                 choices=sorted(KINDS))
+  p.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS, choices=sorted(KINDS))
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=8)
   p.add_argument("--head-dim", type=int, default=64)
@@ -262,13 +300,21 @@ def main(argv=None):
     print(f"# {kind} temporary memory per doubling of length: "
           + ", ".join(f"{g:.2f}x" for g in growth))
 
+  time_slopes = log_log_slopes(rows, "seconds")
+  memory_slopes = log_log_slopes(rows, "temp_bytes")
+  for kind, slope in time_slopes.items():
+    print(f"# {kind}: slope of log time against log length {slope:.2f}, of log temporary "
+          f"memory {memory_slopes.get(kind, float('nan')):.2f}")
+
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"machine": info, "config": config,
                              "flop_convention": flop_convention, "matmul": mm,
                              "matmul_after": mm_after, "results": rows,
                              "comparisons": comparisons,
-                             "temp_memory_growth": memory_growth(rows)}, indent=1))
+                             "temp_memory_growth": memory_growth(rows),
+                             "time_slope": time_slopes, "temp_memory_slope": memory_slopes},
+                            indent=1))
   print(f"# wrote {out}")
 
 

@@ -5,7 +5,10 @@ import importlib
 from zoo.parallel.mesh import (DEFAULT_RULES, FSDP_RULES, MESH_AXES, active, constrain,
                                logical_to_spec, make_mesh, named_sharding, sharding_context)
 
-STRATEGIES = ("gspmd", "all_gather", "ring")
+# Every strategy name a family may implement (each family registers the ones it has):
+# gspmd / all_gather / ring for any attention, halo for families whose keys reach only a
+# bounded distance back (local windows, spans, convolutions).
+STRATEGIES = ("gspmd", "all_gather", "ring", "halo")
 
 
 def __getattr__(name):

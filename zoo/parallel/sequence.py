@@ -20,8 +20,15 @@ gradients. Strategies:
   into it and back (`layout="natural"`); callers that keep activations in zigzag order
   pass `layout="zigzag"` and skip both permutations.
 
+* `halo`: for families whose queries see only a bounded stretch of keys behind (and ahead
+  of) them, each device receives that stretch from its neighbours (`ppermute`) and
+  computes locally.
+
 Families add their own implementations with `register(core, strategy, fn)`; the module
-class of a registered attention names its core in `sequence_parallel_core`.
+class of a registered attention names its core in `sequence_parallel_core`. The
+implementations of the other families live in `zoo.parallel.sequence_<family>` modules,
+imported at the end of this one. Not every family has every strategy:
+`strategies(core)` lists those registered.
 """
 
 from __future__ import annotations
@@ -49,6 +56,12 @@ def register(core: str, strategy: str, fn: Callable) -> None:
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
   _IMPLEMENTATIONS[(core, strategy)] = fn
+
+
+def strategies(core: str | None = None) -> tuple[str, ...]:
+  """The strategies registered for `core` (for every core when None), in STRATEGIES order."""
+  names = {s for c, s in _IMPLEMENTATIONS if core is None or c == core}
+  return tuple(s for s in STRATEGIES if s in names)
 
 
 def batch_axes(mesh) -> tuple[str, ...] | None:
@@ -353,7 +366,8 @@ def run(core: str | None, q, k, v, *, mesh, strategy: str, causal: bool = False,
                      f"available: {sorted(s for c, s in _IMPLEMENTATIONS if c == core) or 'none'}")
   if layout not in ("natural", "zigzag"):
     raise ValueError(f"layout must be natural or zigzag, got {layout!r}")
-  masking.check_qkv(q, k, v)
+  if q.ndim == 4:
+    masking.check_qkv(q, k, v)
   if "seq" not in mesh.shape:
     raise ValueError(f"the mesh has no 'seq' axis: {dict(mesh.shape)}")
   n = mesh.shape["seq"]
