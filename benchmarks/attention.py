@@ -19,6 +19,11 @@ q.k^T and w.v, 2 flops per multiply-add), backward = 2x forward (dV, dW, dQ, dK)
 forward+backward step counts 12*B*H*Lq*Lk*D. Causal runs count the same (full square), and
 recomputation inside a memory-efficient backward is not counted: it is overhead.
 
+`--torch` also times PyTorch's fused `scaled_dot_product_attention` (forward+backward,
+same shapes, dtype and FLOP count, `torch.get_num_threads()` threads) in the same run, as
+kind `torch_sdpa`, when PyTorch is installed (`pip install torch`; it is not a dependency
+of the zoo); the summary then compares every kind with it too.
+
 Families add kinds from `benchmarks/kinds_<family>.py` files, loaded at start: each defines
 `KINDS` (name -> function(args) returning `attn(q, k, v) -> out` on `[batch, length,
 heads, head_dim]` arrays; the function may build parameters), and optionally `FLOPS`
@@ -175,6 +180,43 @@ def bench_one(kind, attn, args, length, dtype, mem_limit, reference=None) -> dic
   return row
 
 
+def bench_torch_sdpa(args, length) -> dict:
+  """PyTorch's fused SDPA, forward+backward, timed like `bench_one` (no memory analysis)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  b, h, d = args.batch, args.heads, args.head_dim
+  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+  # On the GPU when JAX runs on one (and PyTorch sees it), else on the CPU.
+  device = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
+  gen = torch.Generator().manual_seed(0)
+  q, k, v, g = (torch.randn(b, h, length, d, generator=gen, dtype=dtype).to(device)
+                for _ in range(4))
+  causal = args.causal
+
+  def step():
+    qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=causal)
+    (out.float() * g.float()).sum().backward()
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return qq.grad, kk.grad, vv.grad
+
+  step()  # warm-up
+  times, cpu = [], []
+  for _ in range(args.repeats):
+    c0, t0 = process_cpu_seconds(), time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+    cpu.append(process_cpu_seconds() - c0)
+  row = {"kind": "torch_sdpa", "length": length, "flops": 3 * 4 * b * h * length**2 * d,
+         "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+         "torch_device": device,
+         "seconds": statistics.median(times), "all_seconds": times,
+         "cpu_seconds": statistics.median(cpu), "compile_s": 0.0}
+  row["gflops"] = row["flops"] / row["seconds"] / 1e9
+  row["cpu_gflops"] = row["flops"] / row["cpu_seconds"] / 1e9
+  return row
+
+
 def compare(rows, baseline):
   """Speed and temporary memory of every kind relative to `baseline`, per length."""
   by = {(r["kind"], r["length"]): r for r in rows if "seconds" in r}
@@ -238,6 +280,9 @@ def main(argv=None):
                  help="compare with the start-of-run matmul only")
   p.add_argument("--memory-limit-gib", type=float, default=None,
                  help="skip runs needing more (default: physical memory)")
+  p.add_argument("--torch", action="store_true",
+                 help="also time PyTorch's fused scaled_dot_product_attention (kind "
+                      "torch_sdpa) in the same run; needs `pip install torch`")
   p.add_argument("--out", default="results/attention.json")
   args = p.parse_args(argv)
 
@@ -272,9 +317,13 @@ def main(argv=None):
             f"{'cpu ms':>9} {'GFLOP/s':>8} {'matmul':>7} {'% matmul':>8} {'%mm cpu':>8} "
             f"{'temp MiB':>9}")
   print(header)
+  kinds = list(args.kinds) + (["torch_sdpa"] if args.torch else [])
   for length in args.lengths:
-    for kind in args.kinds:
-      row = bench_one(kind, KINDS[kind](args), args, length, dtype, mem_limit, reference)
+    for kind in kinds:
+      if kind == "torch_sdpa":
+        row = bench_torch_sdpa(args, length)
+      else:
+        row = bench_one(kind, KINDS[kind](args), args, length, dtype, mem_limit, reference)
       if "gflops" in row:
         ref = row.get("matmul_gflops_nearby", mm["gflops"])
         row["fraction_of_matmul"] = row["gflops"] / ref
@@ -292,6 +341,8 @@ def main(argv=None):
   mm_after = matmul_reference(args.matmul_size, dtype, args.repeats)
   print(f"# matmul again: {mm_after['gflops']:.1f} GFLOP/s", flush=True)
   comparisons = compare(rows, baseline="softmax")
+  if args.torch:
+    comparisons += compare(rows, baseline="torch_sdpa")
   for c in comparisons:
     print(f"# {c['kind']} vs {c['baseline']} at {c['length']}: {c['speedup']:.2f}x faster "
           f"(wall), {c['cpu_time_ratio']:.2f}x less CPU time, {c['temp_ratio']:.3f}x the "
