@@ -228,7 +228,8 @@ def compare(rows, baseline):
     out.append({"kind": kind, "baseline": baseline, "length": length,
                 "speedup": base["seconds"] / r["seconds"],
                 "cpu_time_ratio": base["cpu_seconds"] / r["cpu_seconds"],
-                "temp_ratio": r.get("temp_bytes", 0) / max(1, base.get("temp_bytes", 1))})
+                "temp_ratio": (r["temp_bytes"] / base["temp_bytes"]
+                               if r.get("temp_bytes") and base.get("temp_bytes") else None)})
   return out
 
 
@@ -344,10 +345,13 @@ def main(argv=None):
   if args.torch:
     comparisons += compare(rows, baseline="torch_sdpa")
   for c in comparisons:
+    memory = ("" if c["temp_ratio"] is None
+              else f", {c['temp_ratio']:.3f}x the temporary memory")
     print(f"# {c['kind']} vs {c['baseline']} at {c['length']}: {c['speedup']:.2f}x faster "
-          f"(wall), {c['cpu_time_ratio']:.2f}x less CPU time, {c['temp_ratio']:.3f}x the "
-          f"temporary memory")
+          f"(wall), {c['cpu_time_ratio']:.2f}x less CPU time{memory}")
   for kind, growth in memory_growth(rows).items():
+    if not growth:
+      continue
     print(f"# {kind} temporary memory per doubling of length: "
           + ", ".join(f"{g:.2f}x" for g in growth))
 
