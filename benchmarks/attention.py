@@ -60,6 +60,12 @@ def _softmax(args):
   return lambda q, k, v: softmax_attention(q, k, v, causal=args.causal)
 
 
+def _softmax_cudnn(args):
+  """cuDNN's fused flash attention (NVIDIA GPUs; float16/bfloat16 inputs only)."""
+  return lambda q, k, v: softmax_attention(q, k, v, causal=args.causal,
+                                           implementation="cudnn")
+
+
 def _relu_dense(args):
   return lambda q, k, v: pointwise_attention(q, k, v, activation="relu", alpha=1.0,
                                              causal=args.causal)
@@ -73,6 +79,7 @@ def _relu_blockwise(args):
 
 KINDS = {
     "softmax": _softmax,
+    "softmax_cudnn": _softmax_cudnn,
     "relu_dense": _relu_dense,
     "relu_blockwise": _relu_blockwise,
 }

@@ -404,6 +404,14 @@ def test_softmax_matches_reference():
   _check_against_reference(cases)
 
 
+def test_softmax_implementation_option():
+  q, k, v, _ = _qkv(lq=9, lk=12, seed=7)
+  np.testing.assert_allclose(softmax_attention(q, k, v, implementation="xla"),
+                             softmax_attention(q, k, v), rtol=0, atol=0)
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    softmax_attention(q, k, v, implementation="flash")
+
+
 # ----------------------------------------------------------------------------------------
 # Bad options.
 
