@@ -35,8 +35,13 @@ ACTIVATIONS = {
     "sigmoid": jax.nn.sigmoid,
 }
 
+# None: XLA (dense, or blockwise with block_size); "pallas": the fused Pallas/Triton GPU
+# kernel of pointwise_pallas.py; "pallas_interpret": that kernel in the Pallas interpreter.
+IMPLEMENTATIONS = (None, "pallas", "pallas_interpret")
 
-def check_options(activation: str, alpha: float, block_size: int | None) -> None:
+
+def check_options(activation: str, alpha: float, block_size: int | None,
+                  implementation: str | None = None) -> None:
   """Raises ValueError naming the bad option."""
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
@@ -44,6 +49,11 @@ def check_options(activation: str, alpha: float, block_size: int | None) -> None
     raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
   if block_size is not None and (not isinstance(block_size, int) or block_size <= 0):
     raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation is not None and block_size is not None:
+    raise ValueError(f"block_size is for the XLA blockwise path; implementation="
+                     f"{implementation!r} uses its own tiles: give one or the other")
 
 
 def visible_key_counts(mask: jax.Array | None, q_len: int, kv_len: int, *,
@@ -280,7 +290,8 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 def pointwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                         activation: str = "relu", alpha: float = 1.0, causal: bool = False,
                         mask: jax.Array | None = None, kv_length=None,
-                        block_size: int | None = None) -> jax.Array:
+                        block_size: int | None = None,
+                        implementation: str | None = None) -> jax.Array:
   """o_i = L^-alpha * sum_j h(q_i . k_j / sqrt(d)) v_j  (Wortsman et al. 2023, Eq. 1).
 
   Args:
@@ -296,12 +307,16 @@ def pointwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     block_size: None for the dense O(q_len * kv_len) path; an int for the memory-efficient
       path that loops over key blocks of that size with a custom VJP (forward and backward
       memory linear in length). Any kv_len works: the last block is padded and masked.
+    implementation: None for the XLA paths above; "pallas" for the fused Pallas (Triton)
+      GPU kernel (`pointwise_pallas.py`; float32/bfloat16/float16; a ValueError off the GPU,
+      and for masks that vary along both the query and the key axis); "pallas_interpret"
+      for that kernel in the Pallas interpreter (any backend, slow: for tests).
 
   Returns:
     `[batch, q_len, heads, head_dim]` in q's dtype; accumulation is in float32 (float64
     for float64 inputs).
   """
-  check_options(activation, alpha, block_size)
+  check_options(activation, alpha, block_size, implementation)
   masking.check_qkv(q, k, v)
   mask = masking.check_mask(mask, q, k)
   q_len, kv_len = q.shape[1], k.shape[1]
@@ -309,6 +324,11 @@ def pointwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
   length_scale = _length_scale(mask, q_len, kv_len, causal=causal, kv_length=kv_length,
                                alpha=alpha, dtype=acc_dtype)
+  if implementation is not None:
+    from zoo.attention import pointwise_pallas  # pylint: disable=import-outside-toplevel
+    return pointwise_pallas.pointwise_attention_pallas(
+        q, k, v, length_scale, activation=activation, scale=scale, causal=causal, mask=mask,
+        interpret=implementation == "pallas_interpret")
   if block_size is not None:
     return _blockwise(q, k, v, mask, length_scale, activation, scale, causal, block_size)
   s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc_dtype) * scale
@@ -325,15 +345,19 @@ class PointwiseAttention(MultiHeadDotProductAttention):
 
   def __init__(self, width: int, num_heads: int, *, causal: bool = False,
                activation: str = "relu", alpha: float = 1.0, block_size: int | None = None,
-               **kwargs):
-    check_options(activation, alpha, block_size)
+               implementation: str | None = None, **kwargs):
+    check_options(activation, alpha, block_size, implementation)
     super().__init__(width, num_heads, causal=causal, **kwargs)
     self.activation, self.alpha, self.block_size = activation, float(alpha), block_size
+    self.implementation = implementation
 
   sequence_parallel_core = "pointwise"
 
   def core_options(self):
-    return dict(activation=self.activation, alpha=self.alpha, block_size=self.block_size)
+    options = dict(activation=self.activation, alpha=self.alpha, block_size=self.block_size)
+    if self.implementation is not None:  # sequence-parallel strategies refuse it (TypeError)
+      options["implementation"] = self.implementation
+    return options
 
   def attend(self, q, k, v, *, mask=None):
     return pointwise_attention(q, k, v, causal=self.causal, mask=mask, **self.core_options())
