@@ -32,9 +32,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from zoo import parallel
 from zoo.attention import aft
 from zoo.attention import registry
 from zoo.models import DecoderLM, ViT
+from zoo.parallel import sequence
 
 from tests.helpers import x64 as _x64
 
@@ -206,7 +208,7 @@ def _conv_bias(xp, kernel, idx):
 
 VARIANTS = ["full", "local", "simple", "conv1d", "conv2d"]
 WINDOW, KERNEL, HEADS = 2, 3, 2
-GRIDS = {1: (1, 1), 2: (1, 2), 9: (3, 3)}
+GRIDS = {1: (1, 1), 2: (1, 2), 9: (3, 3), 32: (8, 4)}
 
 
 def _variant(variant, causal, t):
@@ -511,13 +513,15 @@ MODEL_OPTIONS = {
 }
 
 
-@nnx.jit
-def _loss_and_grads(model, inputs):
+def _loss_and_grads_fn(model, inputs):
   def loss(m):
     out, _ = m(inputs)
     return jnp.mean(out.astype(jnp.float32) ** 2), out
   (_, out), grads = nnx.value_and_grad(loss, has_aux=True)(model)
   return out, grads
+
+
+_loss_and_grads = nnx.jit(_loss_and_grads_fn)
 
 
 def _all_finite(tree):
@@ -621,3 +625,143 @@ def test_bad_calls():
     aft.aft_conv(q, k[..., :2], v, jnp.zeros((2, 3, 3)), grid=(3, 3))
   with pytest.raises(ValueError, match="key_mask"):
     aft.aft_simple(q, k, v, key_mask=jnp.ones((2, 4)))
+
+
+# ----------------------------------------------------------------------------------------
+# (g) Sequence parallel (`zoo.parallel.sequence_aft`) on 8 simulated devices, mesh
+# data 2 x seq 4: values and gradients (q, k, v and the bias or kernel) equal the
+# Eq. 2 reference on a [B, T, T, d] tensor (float32, eager). Length 32, so each
+# shard holds 8 tokens: the halo bands (local window 2, conv 3 taps, 2-D 3x3 over an 8 x 4
+# grid: 5 tokens either side) fit in one neighbour. The default run keeps one case per
+# distinct code path (simple's summary exchange, causal and not; the full ring; the
+# halo, causal and not); every other registered (variant, strategy, causal) is slow.
+
+SP_LEN = 32
+_SP_CORES = {"full": "aft_full", "local": "aft_local", "simple": "aft_simple",
+             "conv1d": "aft_conv", "conv2d": "aft_conv"}
+_SP_DEFAULT = {("simple", "halo", False), ("simple", "ring", True), ("full", "ring", True),
+               ("local", "halo", True), ("conv1d", "halo", False)}
+
+
+def _sp_cases():
+  for variant, causal in _configs():
+    for strategy in sequence.strategies(_SP_CORES[variant]):
+      marks = () if (variant, strategy, causal) in _SP_DEFAULT else _SLOW
+      yield pytest.param(variant, strategy, causal, marks=marks,
+                         id=f"{variant}-{strategy}-{'causal' if causal else 'bidir'}")
+
+
+def _sp_options(variant, w):
+  return {"full": {"pos_bias": w}, "local": {"pos_bias": w, "window": WINDOW}, "simple": {},
+          "conv1d": {"kernel": w}, "conv2d": {"kernel": w, "grid": GRIDS[SP_LEN]}}[variant]
+
+
+def _assert_sp_close(actual, desired, what):
+  desired = np.asarray(desired)
+  np.testing.assert_allclose(np.asarray(actual), desired, rtol=1e-4,
+                             atol=1e-5 * max(1.0, float(np.max(np.abs(desired)))),
+                             err_msg=what)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+@pytest.mark.parametrize("variant,strategy,causal", list(_sp_cases()))
+def test_sequence_parallel_equals_single_device(variant, strategy, causal):
+  mesh = parallel.make_mesh({"data": 2, "seq": 4})
+  q, k, v, w, g = _inputs(variant, SP_LEN, seed=4)
+
+  @jax.jit
+  def split(q, k, v, w, g):
+    def f(q, k, v, w):
+      return parallel.sequence_parallel_attention(
+          q, k, v, mesh=mesh, kind=_SP_CORES[variant], strategy=strategy, causal=causal,
+          **_sp_options(variant, w))
+    y, vjp = jax.vjp(f, q, k, v, w)
+    return y, vjp(g)
+
+  y, grads = split(q, k, v, w, g)
+  _, ref, _ = _variant(variant, causal, SP_LEN)
+  y_ref, vjp = jax.vjp(lambda *a: ref(jnp, *a, None), q, k, v, w)  # Eq. 2 on [B, T, T, d]
+  grads_ref = vjp(g)
+  _assert_sp_close(y, y_ref, "values")
+  for name, a, b in zip("qkvw", grads, grads_ref):
+    _assert_sp_close(a, b, f"d{name}")
+
+
+def test_sequence_parallel_bad_calls():
+  mesh = parallel.make_mesh({"data": 2, "seq": 4})
+  q, k, v, w, _ = _inputs("local", SP_LEN)
+  with pytest.raises(ValueError, match="halo strategy needs"):  # 8 > 8 tokens per shard
+    parallel.sequence_parallel_attention(q, k, v, mesh=mesh, kind="aft_local",
+                                         strategy="halo", pos_bias=w, window=10)
+  with pytest.raises(ValueError, match="natural"):
+    parallel.sequence_parallel_attention(q, k, v, mesh=mesh, kind="aft_simple",
+                                         strategy="ring", causal=True, layout="zigzag")
+  with pytest.raises(ValueError, match="no sequence-parallel 'halo'"):
+    parallel.sequence_parallel_attention(q, k, v, mesh=mesh, kind="aft_full",
+                                         strategy="halo", pos_bias=w)
+  with pytest.raises(ValueError, match="takes no mask"):
+    with parallel.sharding_context(mesh, strategy="halo"):
+      aft.AFTSimple(4, 2, rngs=nnx.Rngs(0))(q, mask=jnp.ones((2, 1, 1, SP_LEN), bool))
+
+
+def _sp_model(which, name):
+  opts = {"aft_local": {"window": 3}, "aft_conv": {"kernel_size": 3}}.get(name, {})
+  if which == "lm":
+    model = DecoderLM(width=16, depth=1, num_heads=2, max_len=SP_LEN, attention=name,
+                      attention_options=opts, rngs=nnx.Rngs(0))
+    return model, jax.random.randint(jax.random.key(0), (2, SP_LEN), 0, 256), ("data", "seq")
+  # 16 x 8 images, patch 2: an 8 x 4 grid of 32 tokens.
+  model = ViT(None, width=16, depth=1, mlp_dim=16, num_heads=2, patch_size=2,
+              image_size=(16, 8), in_channels=1, num_classes=3, attention=name,
+              attention_options=opts, head_zeroinit=False, rngs=nnx.Rngs(0))
+  return model, jax.random.normal(jax.random.key(0), (2, 16, 8, 1)), ("data",)
+
+
+def _spy_on_run(monkeypatch):
+  calls, run = [], sequence.run
+
+  def spy(core, *args, **kwargs):
+    calls.append((core, kwargs["strategy"]))
+    return run(core, *args, **kwargs)
+
+  monkeypatch.setattr(sequence, "run", spy)
+  return calls
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+@pytest.mark.parametrize("which,name,strategy", [
+    ("lm", "aft_full", "ring"), ("lm", "aft_local", "halo"), ("lm", "aft_conv", "halo"),
+    ("lm", "aft_simple", "all_gather"), ("vit", "aft_conv", "halo"), ("vit", "aft_full", "gspmd")])
+def test_modules_route_to_sequence_parallel(which, name, strategy, monkeypatch):
+  """Inside a sharding context with a strategy, every AFT layer of the backbones calls the
+  family's sequence-parallel core with its options (traced abstractly: no compile)."""
+  mesh = parallel.make_mesh({"data": 2, "seq": 4})
+  model, inputs, _ = _sp_model(which, name)
+  calls = _spy_on_run(monkeypatch)
+  jax.eval_shape(lambda x: model(x), inputs)
+  assert not calls
+  with parallel.sharding_context(mesh, strategy=strategy):
+    logits, _ = jax.eval_shape(lambda x: model(x), inputs)
+  assert calls == [(name, strategy)] and logits.shape[0] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+@pytest.mark.parametrize("which,name,strategy", [
+    ("lm", "aft_local", "halo"), ("lm", "aft_full", "ring"), ("lm", "aft_conv", "halo"),
+    ("lm", "aft_simple", "all_gather"), ("vit", "aft_conv", "halo")])
+def test_sharded_backbone_equals_unsharded(which, name, strategy, monkeypatch):
+  """Loss inputs and every gradient of a backbone split over data 2 x seq 4 equal the
+  unsplit model's."""
+  mesh = parallel.make_mesh({"data": 2, "seq": 4})
+  model, inputs, spec = _sp_model(which, name)
+  calls = _spy_on_run(monkeypatch)
+  out0, grads0 = _loss_and_grads(model, inputs)
+  sharded = jax.device_put(inputs, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  with parallel.sharding_context(mesh, strategy=strategy):
+    out1, grads1 = nnx.jit(_loss_and_grads_fn)(model, sharded)
+  assert calls == [(name, strategy)]
+  _assert_sp_close(out1, out0, "outputs")
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(grads1)),
+                               nnx.to_flat_state(nnx.state(grads0))):
+    _assert_sp_close(a[...], b[...], "/".join(map(str, path)))

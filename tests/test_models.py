@@ -19,8 +19,9 @@ def _param_paths(module) -> set[str]:
   return {"/".join(str(k.key) for k in path) for path, _ in flat}
 
 
-# Options some families cannot default (the sequence length they are sized for).
-REQUIRED_OPTIONS = {"aft_full": {"max_len": 16}, "aft_local": {"max_len": 16, "window": 3}}
+# Options some families cannot default. (AFT-full's and AFT-local's `max_len` is filled
+# from the backbone: see test_max_len_from_the_backbone.)
+REQUIRED_OPTIONS = {"aft_local": {"window": 3}}
 
 
 def _tiny_vit(name, **kw):
@@ -54,6 +55,49 @@ def test_every_causal_attention_in_lm(name):
   logits2, _ = lm(changed)
   np.testing.assert_allclose(logits[:, :7], logits2[:, :7], rtol=1e-5, atol=1e-5)
   assert not np.allclose(logits[:, 7:], logits2[:, 7:])
+
+
+def _attention(model, i=0):
+  return getattr(model.Transformer, f"encoderblock_{i}").MultiHeadDotProductAttention_0
+
+
+@pytest.mark.parametrize("name", ["aft_full", "aft_local"])
+def test_max_len_from_the_backbone(name):
+  """Unset (or None, as configs leave it) max_len = the backbone's token count: the ViT's
+  patches (+1 with a class token), the LM's max_len; a given one is kept."""
+  for pool, tokens in (("gap", 16), ("tok", 17)):
+    for opts in ({}, {"max_len": None}):
+      vit = nnx.eval_shape(lambda: ViT(None, width=16, depth=2, mlp_dim=32, num_heads=2,
+                                       patch_size=2, image_size=8, in_channels=1,
+                                       pool_type=pool, attention=name, rngs=nnx.Rngs(0),
+                                       attention_options={"window": 3, **opts}
+                                       if name == "aft_local" else opts))
+      assert [_attention(vit, i).max_len for i in range(2)] == [tokens] * 2
+      assert _attention(vit).pos_bias_u.shape == (tokens, 128)
+  lm = nnx.eval_shape(lambda: DecoderLM(width=16, depth=1, num_heads=2, max_len=12,
+                                        attention=name, rngs=nnx.Rngs(0),
+                                        attention_options=REQUIRED_OPTIONS.get(name)))
+  assert _attention(lm).max_len == 12
+  given = {**REQUIRED_OPTIONS.get(name, {}), "max_len": 40}
+  lm = nnx.eval_shape(lambda: DecoderLM(width=16, depth=1, num_heads=2, max_len=12,
+                                        attention=name, attention_options=given,
+                                        rngs=nnx.Rngs(0)))
+  assert _attention(lm).max_len == 40
+  # Families without a max_len option get none.
+  lm = DecoderLM(width=16, depth=1, num_heads=2, max_len=12, attention="aft_simple",
+                 rngs=nnx.Rngs(0))
+  assert not hasattr(_attention(lm), "max_len")
+
+
+def test_vit_posemb_none():
+  model = ViT(None, width=16, depth=1, mlp_dim=16, num_heads=2, patch_size=4, image_size=8,
+              num_classes=5, posemb="none", rngs=nnx.Rngs(0))
+  assert "pos_embedding" not in _param_paths(model)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  _, out = nnx.jit(lambda m, x: m(x))(model, x)
+  # Without a position embedding the tokens enter the encoder as the patch embedding.
+  np.testing.assert_array_equal(np.asarray(out["with_posemb"]),
+                                np.asarray(out["stem"]).reshape(2, 4, 16))
 
 
 def test_vit_parameter_names_match_big_vision():
@@ -110,6 +154,8 @@ def test_vit_options_and_bad_inputs():
     ViT("Q/16", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="pool_type"):
     ViT("mu/4", pool_type="max", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="posemb"):
+    ViT("mu/4", posemb="sincos", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="divisible"):
     ViT("mu/5", image_size=8, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="expects images"):

@@ -86,6 +86,7 @@ import numpy as np
 from flax import nnx
 
 from zoo.attention import registry
+from zoo.parallel import mesh as mesh_lib
 
 _sg = jax.lax.stop_gradient
 
@@ -647,19 +648,38 @@ class _AFTBase(nnx.Module):
   def _key_features(self, hidden: int) -> int:
     return hidden
 
+  # The core whose strategies `zoo.parallel.sequence_aft` registers (= the family name).
+  sequence_parallel_core: str | None = None
+
   def attend(self, q, k, v, *, key_mask=None, grid=None):
     raise NotImplementedError
+
+  def core_options(self, length: int, grid=None) -> dict:
+    """The core's options for the sequence-parallel strategies (position bias, kernel)."""
+    return {}
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, grid=None) -> jax.Array:
     """x `[batch, length, width]` -> `[batch, length, width]`.
 
     mask: key padding only (broadcastable to `[batch, 1, 1, length]`, True = attend);
     other masks raise. grid: the ViT's (rows, cols) patch grid (used by 2-D AFT-conv).
+    Inside `zoo.parallel.sharding_context(..., strategy=...)` the core runs split along
+    the sequence (`zoo.parallel.sequence_aft`), which takes no mask.
     """
     if x.ndim != 3:
       raise ValueError(f"{self.family} expects x [batch, length, width], got {x.shape}")
-    key_mask = key_padding_mask(mask, x.shape[0], x.shape[1])
-    y = self.attend(self.query(x), self.key(x), self.value(x), key_mask=key_mask, grid=grid)
+    q, k, v = self.query(x), self.key(x), self.value(x)
+    ctx = mesh_lib.active()
+    if ctx is not None and ctx.strategy is not None:
+      from zoo.parallel import sequence  # pylint: disable=import-outside-toplevel
+      if mask is not None:
+        raise ValueError("sequence-parallel attention takes no mask")
+      y = sequence.run(self.sequence_parallel_core, q, k, v, mesh=ctx.mesh,
+                       strategy=ctx.strategy, causal=self.causal,
+                       **self.core_options(x.shape[1], grid))
+    else:
+      key_mask = key_padding_mask(mask, x.shape[0], x.shape[1])
+      y = self.attend(q, k, v, key_mask=key_mask, grid=grid)
     return self.out(y)
 
 
@@ -707,6 +727,11 @@ class AFTFull(_PositionBiasMixin, _AFTBase):
     self._init_position_bias(max_len, bias_rank, param_dtype, rngs)
     self.block_size = block_size
 
+  sequence_parallel_core = "aft_full"
+
+  def core_options(self, length: int, grid=None) -> dict:
+    return {"pos_bias": self.position_bias(length, length), "block_size": self.block_size}
+
   def attend(self, q, k, v, *, key_mask=None, grid=None):
     w = self.position_bias(q.shape[1], k.shape[1])
     return aft_full(q, k, v, w, causal=self.causal, key_mask=key_mask,
@@ -726,6 +751,11 @@ class AFTLocal(AFTFull):
     super().__init__(width, num_heads, **kwargs)
     self.window = window
 
+  sequence_parallel_core = "aft_local"
+
+  def core_options(self, length: int, grid=None) -> dict:
+    return {**super().core_options(length, grid), "window": self.window}
+
   def attend(self, q, k, v, *, key_mask=None, grid=None):
     w = self.position_bias(q.shape[1], k.shape[1])
     return aft_local(q, k, v, w, window=self.window, causal=self.causal, key_mask=key_mask,
@@ -739,6 +769,8 @@ class AFTSimple(_AFTBase):
 
   def __init__(self, width: int, num_heads: int, **kwargs):
     super().__init__(width, num_heads, **kwargs)
+
+  sequence_parallel_core = "aft_simple"
 
   def attend(self, q, k, v, *, key_mask=None, grid=None):
     return aft_simple(q, k, v, causal=self.causal, key_mask=key_mask)
@@ -790,11 +822,20 @@ class AFTConv(_AFTBase):
     """The reparameterised filter w (Eq. 8), `[heads, s(, s)]`."""
     return aft_conv_kernel(self.conv_kernel[...], self.conv_gain[...], self.conv_bias[...])
 
-  def attend(self, q, k, v, *, key_mask=None, grid=None):
+  sequence_parallel_core = "aft_conv"
+
+  def core_options(self, length: int, grid=None) -> dict:
+    self._check_grid(grid)
+    return {"kernel": self.kernel(), "grid": grid if self.conv_dims == 2 else None}
+
+  def _check_grid(self, grid):
     if self.conv_dims == 2 and grid is None:
       raise ValueError(
           "aft_conv with conv_dims=2 needs the patch grid: in the ViT use a pool_type other "
           "than 'tok' (no class token), or set attention_options={'conv_dims': 1}")
+
+  def attend(self, q, k, v, *, key_mask=None, grid=None):
+    self._check_grid(grid)
     return aft_conv(q, k, v, self.kernel(), causal=self.causal,
                     grid=grid if self.conv_dims == 2 else None, key_mask=key_mask)
 

@@ -35,7 +35,8 @@ class DecoderLM(nnx.Module):
 
   Args:
     width, depth, mlp_dim, num_heads: transformer size.
-    max_len: the longest sequence (sizes the learned position table).
+    max_len: the longest sequence (sizes the learned position table, and the position
+      bias of attentions with a `max_len` option, e.g. AFT-full, when they set none).
     vocab_size: 256 for bytes.
     posemb: 'learn' or 'sincos'.
     tied_embedding: logits from the input embedding's transpose (True) or a separate head.
@@ -61,7 +62,7 @@ class DecoderLM(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.Transformer = Encoder(width, depth, mlp_dim or 4 * width, num_heads,
                                attention=attention, attention_options=attention_options,
-                               causal=True, dropout=dropout, **kw)
+                               causal=True, dropout=dropout, max_len=max_len, **kw)
     if not tied_embedding:
       self.head = nnx.Linear(width, vocab_size, kernel_init=nnx.initializers.zeros, **kw)
 

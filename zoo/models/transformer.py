@@ -16,6 +16,7 @@ from flax import nnx
 
 from zoo import attention as attention_lib
 from zoo import parallel
+from zoo.config import attention_option_defaults
 
 
 class MlpBlock(nnx.Module):
@@ -35,17 +36,33 @@ class MlpBlock(nnx.Module):
     return self.Dense_1(self.dropout(x))
 
 
+def fill_max_len(attention: str, options: Mapping[str, Any] | None,
+                 max_len: int | None) -> dict[str, Any]:
+  """The attention options with `max_len` set to the backbone's longest token sequence
+  when the family takes a `max_len` (AFT-full, AFT-local) and none is given."""
+  options = dict(options or {})
+  if (max_len is not None and options.get("max_len") is None
+      and "max_len" in attention_option_defaults(attention)):
+    options["max_len"] = max_len
+  return options
+
+
 class Encoder1DBlock(nnx.Module):
-  """x + attn(LN(x)), then x + mlp(LN(x)); returns the output and its intermediates."""
+  """x + attn(LN(x)), then x + mlp(LN(x)); returns the output and its intermediates.
+
+  `max_len`: the longest token sequence the backbone feeds the block; it fills the
+  attention's `max_len` option when the family has one and it is unset.
+  """
 
   def __init__(self, width: int, mlp_dim: int, num_heads: int, *, attention: str,
                attention_options: Mapping[str, Any] | None = None, causal: bool = False,
-               dropout: float = 0.0, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dropout: float = 0.0, max_len: int | None = None, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     ln = dict(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.LayerNorm_0 = nnx.LayerNorm(width, **ln)
     self.MultiHeadDotProductAttention_0 = attention_lib.make(
         attention, width=width, num_heads=num_heads, causal=causal, rngs=rngs, dtype=dtype,
-        param_dtype=param_dtype, **dict(attention_options or {}))
+        param_dtype=param_dtype, **fill_max_len(attention, attention_options, max_len))
     self.LayerNorm_1 = nnx.LayerNorm(width, **ln)
     self.MlpBlock_0 = MlpBlock(width, mlp_dim, dropout=dropout, dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
@@ -68,13 +85,14 @@ class Encoder(nnx.Module):
 
   def __init__(self, width: int, depth: int, mlp_dim: int, num_heads: int, *,
                attention: str, attention_options: Mapping[str, Any] | None = None,
-               causal: bool = False, dropout: float = 0.0, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               causal: bool = False, dropout: float = 0.0, max_len: int | None = None,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.depth = depth
     for i in range(depth):
       setattr(self, f"encoderblock_{i}", Encoder1DBlock(
           width, mlp_dim, num_heads, attention=attention, attention_options=attention_options,
-          causal=causal, dropout=dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+          causal=causal, dropout=dropout, max_len=max_len, dtype=dtype,
+          param_dtype=param_dtype, rngs=rngs))
     self.encoder_norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)
 

@@ -87,9 +87,11 @@ class ViT(nnx.Module):
     image_size: int or (h, w), needed to size the learned position embedding.
     pool_type: 'gap' (mean of tokens), 'tok' (class token), 'map' (attention pooling),
       '0' (first token).
-    posemb: 'learn' or 'sincos2d'.
+    posemb: 'learn', 'sincos2d' or 'none' (no position embedding, as the AFT-conv
+      ImageNet models, whose convolutional position bias locates the tokens).
     attention: a registered attention name (see `zoo.attention.names()`), with
-      `attention_options` passed to it.
+      `attention_options` passed to it; an unset `max_len` option (AFT-full, AFT-local) is
+      the number of tokens, (image_size / patch_size) ** 2, +1 with pool_type='tok'.
     in_channels: image channels (3 for RGB, 1 for the digits).
   """
 
@@ -111,8 +113,8 @@ class ViT(nnx.Module):
       raise ValueError(f"ViT needs {missing}: give a variant such as 'S/16' or set them")
     if pool_type not in ("gap", "tok", "map", "0"):
       raise ValueError(f"pool_type must be gap, tok, map or 0, got {pool_type!r}")
-    if posemb not in ("learn", "sincos2d"):
-      raise ValueError(f"posemb must be learn or sincos2d, got {posemb!r}")
+    if posemb not in ("learn", "sincos2d", "none"):
+      raise ValueError(f"posemb must be learn, sincos2d or none, got {posemb!r}")
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     p = spec["patch_size"]
     if h % p or w % p:
@@ -133,7 +135,8 @@ class ViT(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.Transformer = Encoder(width, spec["depth"], spec["mlp_dim"], spec["num_heads"],
                                attention=attention, attention_options=attention_options,
-                               causal=False, dropout=dropout, **kw)
+                               causal=False, dropout=dropout,
+                               max_len=num_patches + (pool_type == "tok"), **kw)
     if pool_type == "map":
       self.MAPHead_0 = MAPHead(width, spec["mlp_dim"], spec["num_heads"], **kw)
     self.rep_size = int(width if rep_size is True else rep_size)
@@ -156,10 +159,10 @@ class ViT(nnx.Module):
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))
     if self.posemb == "learn":
-      pe = self.pos_embedding[...]
-    else:
-      pe = posemb_sincos_2d(h, w, c)
-    x = out["with_posemb"] = x + pe.astype(x.dtype)
+      x = x + self.pos_embedding[...].astype(x.dtype)
+    elif self.posemb == "sincos2d":
+      x = x + posemb_sincos_2d(h, w, c).astype(x.dtype)
+    out["with_posemb"] = x
     if self.pool_type == "tok":
       x = jnp.concatenate([jnp.tile(self.cls[...].astype(x.dtype), (n, 1, 1)), x], axis=1)
     x = self.dropout(x)
