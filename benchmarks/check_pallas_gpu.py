@@ -12,7 +12,11 @@ max |kernel - reference| / max(max |reference|, tiny), per output:
 * float32 under `jax.default_matmul_precision("highest")` (IEEE float32 dots in the
   kernel): tolerance 1e-4.
 * float32 at the default precision (TF32 tensor-core dots, as the benchmark runs):
-  tolerance 1e-2 (TF32 keeps 10 mantissa bits).
+  tolerance 3e-2. TF32 keeps 10 mantissa bits, and unlike the bfloat16 cases (whose
+  reference is computed from the already-rounded inputs) the rounding of q and k is
+  counted here; it flips the sign of scores near 0, so dq and dk see changes of the ReLU
+  mask. Measured on an H200: out 2.9e-4, dq 1.4e-2, dk 1.1e-2, dv 3.5e-4. The dense XLA
+  path at default precision shows the same error (it uses TF32 too).
 * bfloat16: tolerance 3e-2.
 
 With `--allow-cpu` it runs the same checks in the Pallas interpreter (slow; shapes cut down).
@@ -46,7 +50,7 @@ CASES = [
      {"causal": True}, 1e-4),
     ("f32 highest gelu Lq!=Lk D=32", "float32", "highest", (1, 300, 520, 2, 32),
      {"activation": "gelu", "alpha": 0.5}, 1e-4),
-    ("f32 tf32 relu causal", "float32", None, (2, 1000, 1000, 4, 64), {"causal": True}, 1e-2),
+    ("f32 tf32 relu causal", "float32", None, (2, 1000, 1000, 4, 64), {"causal": True}, 3e-2),
     ("bf16 relu causal D=128", "bfloat16", None, (2, 777, 777, 4, 128), {"causal": True},
      3e-2),
     ("bf16 relu causal D=64 L=4096", "bfloat16", None, (1, 4096, 4096, 8, 64),
