@@ -501,3 +501,188 @@ def test_bad_inputs_raise():
     pers_lib.persistent_seq_attention(q, k, k, pe, np.zeros((2, 2, 4)), np.zeros((2, 2, 3)))
   with pytest.raises(ValueError, match="block length"):
     span_lib.seq_attention(q, k[:, :3], k[:, :3], pe)
+
+
+# ----------------------------------------------------------------------------------------
+# Compute follows the span: only the trimmed window (and per chunk of queries) is computed.
+
+
+def _dot_shapes(fn, *args):
+  """Operand and output shapes of every dot_general in fn's jaxpr (sub-jaxprs included)."""
+  shapes = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        shapes.append([tuple(x.aval.shape) for x in (*eqn.invars, *eqn.outvars)])
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return shapes
+
+
+def _dot_flops(shapes):
+  """2 x the multiply-adds of each dot_general: 2 * |lhs| * |rhs| / ... via the output size."""
+  total = 0
+  for lhs, rhs, out in shapes:  # contracted size = |lhs| * |rhs| / (|out| * |batch|)...
+    contracted = math.sqrt(math.prod(lhs) * math.prod(rhs) / math.prod(out)
+                           / max(1, _batch_size(lhs, rhs, out)))
+    total += 2 * math.prod(out) * contracted
+  return total
+
+
+def _batch_size(lhs, rhs, out):
+  del lhs, rhs, out
+  return 1
+
+
+def test_trimmed_layer_computes_only_the_window():
+  """Forward + backward of the layer with a cache of S = 1024: with span ~51 (+ ramp 32 ->
+  W = 128) no matmul touches S keys or inputs, the matmul FLOPs are those of the window
+  (q . k per chunk of 64 queries: M (W + 64)), and the untrimmed layer is S/W x dearer."""
+  s, m, width, heads = 1024, 256, 32, 2
+  layer = _fill(_abstract(lambda: span_lib.AdaptiveSpanAttention(
+      width, heads, max_span=s, ramp=32, rngs=nnx.Rngs(0))), span=[0.05, 0.03])
+  assert span_lib.update_trim_lengths(layer) == [896]  # ceil(51.2) + 32 = 84 -> W = 128
+  x = jax.ShapeDtypeStruct((1, m, width), jnp.float32)
+  cache = jax.ShapeDtypeStruct((1, s, width), jnp.float32)
+  graphdef, state = nnx.split(layer)
+
+  def step(trim_len):
+    def loss(state, x, cache):
+      mod = nnx.merge(graphdef, state)
+      return jnp.sum(mod(x, cache=cache, trim_len=trim_len) ** 2)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))
+
+  trimmed = _dot_shapes(step(None), state, x, cache)
+  full = _dot_shapes(step(0), state, x, cache)
+  assert max(max(max(sh) for sh in dot) for dot in trimmed) < s  # never S of anything
+  assert max(max(max(sh) for sh in dot) for dot in full) >= s + m
+  # q.k and w.v per chunk of 64: [.., 64, 64 + 128] scores; no [.., M, W + M] block.
+  scores = {dot[-1][-2:] for dot in trimmed if len(dot[-1]) == 5}
+  assert scores == {(64, 64 + 128)}, scores
+  w = 128
+  d = width // heads
+  attn = 2 * heads * m * (w + 64) * d * 2 + 2 * heads * m * w * d  # qk, wv; q.key_pe
+  proj = 2 * (w + m) * width * width * 2 + 2 * m * width * width * 2  # k, v; q, out
+  want = 3 * (attn + proj)  # forward + backward (2x)
+  got = _dot_flops(trimmed)
+  assert 0.9 * want <= got <= 1.1 * want, (got, want)
+  assert _dot_flops(full) > 5 * got
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_query_chunks_equal_the_whole_block(n):
+  """The banded (chunked) computation equals one block, values and gradients, float64,
+  for chunks dividing M, not dividing it (zero-padded queries), and one query each."""
+  rng = np.random.default_rng(11 + n)
+  x = _random_inputs(rng, b=2, m=20, cache=16, heads=2, d=4, s=16, n=n)
+  x["span"] = np.array([0.2, 0.45])
+  cot = jnp.asarray(rng.standard_normal(x["q"].shape))
+  with _x64():
+    p = {k: jnp.asarray(v) for k, v in x.items()}
+
+    def loss(p, chunk, trim):
+      args = (p["q"], p["k"], p["v"], p["key_pe"])
+      kw = dict(span=p["span"], ramp=2.0, trim_len=trim, query_chunk=chunk)
+      out = (pers_lib.persistent_seq_attention(*args, p["pers_key"], p["pers_val"], **kw)
+             if n else span_lib.seq_attention(*args, **kw))
+      return jnp.sum(out * cot)
+
+    run = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))
+    for trim in (0, 6):
+      base, g_base = run(p, 20, trim)
+      for chunk in (5, 7, 1):
+        val, g = run(p, chunk, trim)
+        np.testing.assert_allclose(float(val), float(base), rtol=1e-12)
+        for name in p:
+          np.testing.assert_allclose(np.asarray(g[name]), np.asarray(g_base[name]),
+                                     rtol=0, atol=1e-12, err_msg=f"{name} chunk {chunk}")
+  assert span_lib.query_chunk(512, 256) == 64 and span_lib.query_chunk(512, 8192) == 512
+  assert span_lib.query_chunk(40, 8) == 40
+
+
+# ----------------------------------------------------------------------------------------
+# Sequence parallelism: the halo strategy on 8 simulated devices.
+
+
+def _halo_inputs(rng, b, length, s, n, cache):
+  arr = lambda *shape: jnp.asarray(rng.standard_normal(shape))
+  x = dict(q=arr(b, length, 2, 4), k=arr(b, length, 2, 4), v=arr(b, length, 2, 4),
+           key_pe=arr(1, 4, s), span=jnp.asarray([0.3, 0.55]))
+  if cache:
+    x["k_cache"], x["v_cache"] = arr(b, cache, 2, 4), arr(b, cache, 2, 4)
+  if n:
+    x["pers_key"], x["pers_val"] = arr(n, 2, 4) / 2, arr(n, 2, 4) / math.sqrt(n)
+  return x
+
+
+@pytest.mark.parametrize("mesh_shape,length,s,trim,cache,n", [
+    ({"data": 2, "seq": 4}, 32, 24, 3, 20, 0),   # W = 21 over shards of 8: 3 hops, cache
+    ({"data": 1, "seq": 8}, 16, 24, 0, 0, 3),    # W = 24 > 7 shards of 2: cache zeros,
+                                                 # persistent memory
+])
+def test_halo_equals_single_device(mesh_shape, length, s, trim, cache, n):
+  from zoo import parallel
+  from zoo.parallel import sequence, sequence_adaptive_span
+  kind = "persistent_memory" if n else "adaptive_span"
+  assert sequence.strategies(kind) == ("halo",)
+  mesh = parallel.make_mesh(mesh_shape)
+  rng = np.random.default_rng(length + n)
+  with _x64():
+    x = _halo_inputs(rng, 2, length, s, n, cache)
+    cot = jnp.asarray(rng.standard_normal(x["q"].shape))
+
+    def loss(p, split):
+      p = dict(p)
+      q, k, v = p.pop("q"), p.pop("k"), p.pop("v")
+      if split:
+        out = parallel.sequence_parallel_attention(
+            q, k, v, mesh=mesh, kind=kind, strategy="halo", causal=True, ramp=2.0,
+            trim_len=trim, **p)
+      else:
+        out = sequence_adaptive_span._reference(q, k, v, ramp=2.0, trim_len=trim,
+                                                persistent=bool(n), **p)
+      return jnp.sum(out * cot)
+
+    run = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (val, g), (ref, g_ref) = run(x, True), run(x, False)
+  np.testing.assert_allclose(float(val), float(ref), rtol=1e-12)
+  for name in x:
+    np.testing.assert_allclose(np.asarray(g[name]), np.asarray(g_ref[name]), rtol=0,
+                               atol=1e-12, err_msg=name)
+  assert np.abs(np.asarray(g["span"])).min() > 1e-6
+  if cache:  # the cache matters: it reaches the first shards' queries
+    assert np.abs(np.asarray(g["k_cache"])[:, -(s - trim):]).max() > 1e-6
+
+
+def test_layer_routes_to_halo_under_a_sharding_context():
+  """The layer (and the persistent one) inside `sharding_context(strategy="halo")` with a
+  cache equals the unsplit layer; other strategies are refused naming halo."""
+  from zoo import parallel
+  mesh = parallel.make_mesh({"data": 2, "seq": 4})
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 16, 16)), jnp.float32)
+  cache = jnp.asarray(rng.standard_normal((2, 24, 16)), jnp.float32)
+  for persistent in (False, True):
+    cls = pers_lib.PersistentMemoryAttention if persistent else span_lib.AdaptiveSpanAttention
+    kw = dict(persistent_size=3) if persistent else {}
+    layer = _fill(_abstract(lambda: cls(16, 2, max_span=24, ramp=4, trim_granularity=4,
+                                        rngs=nnx.Rngs(0), **kw)), span=[0.2, 0.4])
+    assert span_lib.update_trim_lengths(layer) == [8]  # size 10 + 4 = 14 -> W = 16
+
+    def loss(mod):
+      return jnp.sum(mod(x, cache=cache) * x)
+
+    run = nnx.jit(lambda mod: nnx.value_and_grad(loss)(mod))
+    want, g_want = run(layer)
+    with parallel.sharding_context(mesh, strategy="halo"):
+      got, g_got = nnx.jit(lambda mod: nnx.value_and_grad(loss)(mod))(layer)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(g_got), nnx.to_flat_state(g_want)):
+      np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()),
+                                 rtol=1e-4, atol=1e-5, err_msg=str(path))
+  with parallel.sharding_context(mesh, strategy="ring"):
+    with pytest.raises(ValueError, match="halo"):
+      layer(x, cache=cache)

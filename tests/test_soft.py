@@ -442,3 +442,129 @@ def test_unknown_option_and_bad_newton_arguments():
                         jnp.ones((1, 2, 1, 2)), ridge=-1.0)
   with pytest.raises(ValueError, match="square"):
     soft.newton_inverse(jnp.ones((2, 3)))
+
+
+# ----------------------------------------------------------------------------------------
+# (g) Sequence parallel (zoo.parallel.sequence_soft) on 8 simulated CPU devices.
+
+
+def _rel_tree(got, want):
+  """Largest relative error over the leaves; leaves that are zero must be zero in both."""
+  worst = 0.0
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    if not np.any(np.asarray(b)):
+      assert not np.any(np.asarray(a))
+    else:
+      worst = max(worst, _rel(a, b))
+  return worst
+
+
+@pytest.mark.parametrize("strategy", [
+    "all_gather", pytest.param("gspmd", marks=pytest.mark.slow)])
+def test_sequence_parallel_core_equals_single_device(strategy):
+  """Pooled landmarks on an 8x6 grid, ratio 2, mesh data 2 x seq 4 (2 grid rows, one row of
+  landmark windows per shard): values and gradients to 1e-5."""
+  from zoo import parallel  # pylint: disable=import-outside-toplevel
+  mesh = parallel.make_mesh({"data": 2, "seq": 4})
+  rows, cols, d = 8, 6, 8
+  rng = np.random.default_rng(4)
+  q, v, g = (jnp.asarray(rng.normal(size=(2, rows * cols, 2, d)) * s, jnp.float32)
+             for s in (2.0, 1.0, 1.0))  # spread-out queries: well-conditioned K2
+
+  def split(q, v):
+    return parallel.sequence_parallel_attention(q, q, v, mesh=mesh, kind="soft",
+                                                strategy=strategy, grid=(rows, cols), ratio=2)
+
+  def single(q, v):
+    return soft.soft_attention(q, v, soft.pool_landmarks(q * soft.query_scale(d),
+                                                         (rows, cols), 2))
+
+  loss = lambda f: lambda q, v: jnp.sum(f(q, v) * g)
+  out, grads = jax.jit(lambda q, v: (split(q, v), jax.grad(loss(split), (0, 1))(q, v)))(q, v)
+  want, want_grads = jax.jit(lambda q, v: (single(q, v), jax.grad(loss(single), (0, 1))(q, v)))(
+      q, v)
+  assert out.sharding.spec[1] == "seq"
+  assert _rel(out, want) < 1e-5
+  assert _rel(grads[0], want_grads[0]) < 1e-5 and _rel(grads[1], want_grads[1]) < 1e-5
+
+
+def _encoded_and_grads(model, x, g):
+  def loss(model):
+    _, out = model(x)
+    return jnp.sum(out["encoded"] * g), out["encoded"]
+  return nnx.grad(loss, has_aux=True)(model)
+
+
+def test_sequence_parallel_vit_equals_single_device(monkeypatch):
+  """The ViT's SOFT layers (conv landmarks, 3x3 convolution on V) under the trainer's
+  sharding context with strategy all_gather, mesh data 4 x seq 2 (a 4x4 grid: 2 rows per
+  shard): the landmarks are gathered, K1^T V is psum'd and the convolution's boundary
+  rows ppermuted; encoder output and every parameter's gradient equal one device's."""
+  from zoo import parallel  # pylint: disable=import-outside-toplevel
+  model = _vit(**_OPTIONS)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(4, 16, 32)), jnp.float32)
+  step = nnx.jit(_encoded_and_grads)
+  want_grads, want = step(model, x, g)
+  mesh = parallel.make_mesh({"data": 4, "seq": 2})
+  from zoo.parallel import sequence  # pylint: disable=import-outside-toplevel
+  implementation, calls = sequence._IMPLEMENTATIONS[("soft", "all_gather")], []
+  monkeypatch.setitem(sequence._IMPLEMENTATIONS, ("soft", "all_gather"),
+                      lambda *a, **kw: calls.append(kw["grid"]) or implementation(*a, **kw))
+  with parallel.sharding_context(mesh, strategy="all_gather"):
+    grads, got = nnx.jit(_encoded_and_grads)(model, x, g)
+  assert calls == [(4, 4)]  # the split path ran (traced once; one layer)
+  assert _rel(got, want) < 1e-5
+  got_grads, want_grads = (nnx.state(t, nnx.Param) for t in (grads, want_grads))
+  assert _rel_tree(got_grads, want_grads) < 1e-5
+  attn = lambda t: t["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]
+  for name in ("landmark_conv", "value_conv", "query"):
+    assert _rel(attn(got_grads)[name]["kernel"][...], attn(want_grads)[name]["kernel"][...]) \
+        < 1e-5, name
+
+
+def test_sequence_parallel_bad_split_fails_clearly():
+  from zoo import parallel  # pylint: disable=import-outside-toplevel
+  from zoo.parallel import sequence_soft  # pylint: disable=import-outside-toplevel
+  model = _vit(**_OPTIONS)  # 4x4 grid, ratio 2
+  x = jnp.zeros((4, 8, 8, 1))
+  with parallel.sharding_context(parallel.make_mesh({"data": 2, "seq": 4}), strategy="all_gather"):
+    with pytest.raises(ValueError, match=r"4x4 patch grid is split by rows .*\(4 shards\).*"
+                                         r"1 rows per shard are not a multiple of the "
+                                         r"landmark ratio 2.*work for this grid: \[1, 2\]"):
+      model(x)
+  with parallel.sharding_context(parallel.make_mesh({"data": 1, "seq": 8}), strategy="ring"):
+    with pytest.raises(ValueError, match="'soft' has no sequence-parallel 'ring' strategy; "
+                                         r"available: \['all_gather', 'gspmd'\]"):
+      model(x)
+  with pytest.raises(ValueError, match="6 rows do not divide by 4"):
+    sequence_soft.rows_per_shard((6, 4), 4, 1)
+  assert sequence_soft.rows_per_shard((12, 5), 3, 2) == 4
+  assert sequence_soft.rows_per_shard((5, 5), 1, 2) == 5  # one shard: floored as unsplit
+  with pytest.raises(ValueError, match=r"work for this grid: \[1, 3\]"):
+    sequence_soft.rows_per_shard((6, 5), 2, 2)
+  q = jnp.zeros((4, 16, 2, 8))
+  mesh = parallel.make_mesh({"data": 4, "seq": 2})
+  with pytest.raises(ValueError, match="needs learned parameters"):
+    parallel.sequence_parallel_attention(q, q, q, mesh=mesh, kind="soft", strategy="all_gather",
+                                         grid=(4, 4), landmarks="conv")
+  with pytest.raises(ValueError, match="ties keys to queries"):
+    parallel.sequence_parallel_attention(q, q + 1, q, mesh=mesh, kind="soft",
+                                         strategy="all_gather", grid=(4, 4))
+  with pytest.raises(ValueError, match="needs the depthwise filters"):
+    parallel.sequence_parallel_attention(q, q, q, mesh=mesh, kind="soft", strategy="gspmd",
+                                         grid=(4, 4), conv_size=3)
+
+
+def test_lm_config_with_soft_fails_at_config_validation():
+  """`python train.py --config configs/lm_bytes.py:attention=soft` stops in
+  `validate_config`, before any data, model or workdir exists."""
+  from configs import lm_bytes  # pylint: disable=import-outside-toplevel
+  from zoo import training  # pylint: disable=import-outside-toplevel
+  config = lm_bytes.get_config("attention=soft")
+  assert config.model.attention == "soft"
+  with pytest.raises(ValueError, match="attention 'soft' has no causal form, so it cannot be "
+                                       "used in a causal language model"):
+    training.validate_config(config)
+  training.validate_config(lm_bytes.get_config("attention=softmax"))  # the check is SOFT's

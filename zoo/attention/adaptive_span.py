@@ -54,9 +54,11 @@ from flax import nnx
 
 from zoo.attention import registry
 from zoo.attention.heads import GATE_ACTIVATIONS, MultiHeadDotProductAttention
+from zoo.parallel import mesh as mesh_lib
 
 RENORM_EPS = 1e-8
 TRIM_GRANULARITY = 64
+QUERY_CHUNK = 64  # queries per chunk when the window is shorter than the block
 
 
 # ----------------------------------------------------------------------------------------
@@ -168,13 +170,54 @@ def compute_dtype(q):
   return jnp.promote_types(q.dtype, jnp.float32)
 
 
-def context_logits(q, k_win, pe_win):
-  """Unscaled q . k + q . key_pe over the window, `[B, H, M, W]` (column j <-> distance W - j)."""
+def query_chunk(block_len: int, window_len: int) -> int:
+  """Queries per chunk of the banded computation (see `context_logits`).
+
+  The whole block (one chunk) when the window is at least as long as the block or the
+  block is short; else `QUERY_CHUNK` queries, so a block of M queries over a window of W
+  costs M (W + QUERY_CHUNK) logits instead of M (W + M).
+  """
+  if window_len >= block_len or block_len <= QUERY_CHUNK:
+    return block_len
+  return QUERY_CHUNK
+
+
+def _chunked(x, chunk: int, window_len: int, block_len: int):
+  """[B, W + M, H, D] -> [B, nc, chunk + W, H, D]: chunk j holds rows j*chunk .. j*chunk + chunk + W.
+
+  The block is padded with zero rows at the end up to nc * chunk queries.
+  """
+  nc = -(-block_len // chunk)
+  pad = nc * chunk - block_len
+  if pad:
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  idx = (np.arange(nc) * chunk)[:, None] + np.arange(chunk + window_len)[None, :]
+  return jnp.take(x, jnp.asarray(idx), axis=1)
+
+
+def context_logits(q, k_win, pe_win, chunk: int | None = None):
+  """Unscaled q . k + q . key_pe over the window, `[B, H, M, W]` (column j <-> distance W - j).
+
+  Query i of the block sees rows i .. i + W - 1 of `k_win` (`[B, W + M, H, D]`). With
+  `chunk` = c < M (default `query_chunk(M, W)`) the queries go in chunks of c, each
+  against its own c + W keys (`_chunked`), so the cost is M (W + c), not M (W + M): the
+  block's own keys beyond each chunk are never touched. The result is the same.
+  """
   dt = compute_dtype(q)
-  qk = jnp.einsum("bmhd,bnhd->bhmn", q, k_win, preferred_element_type=dt)
+  m, w = q.shape[1], pe_win.shape[1]
+  chunk = query_chunk(m, w) if chunk is None else int(chunk)
+  if chunk >= m:
+    qk = _unskew(jnp.einsum("bmhd,bnhd->bhmn", q, k_win, preferred_element_type=dt))
+  else:
+    nc = -(-m // chunk)
+    qc = jnp.pad(q, ((0, 0), (0, nc * chunk - m), (0, 0), (0, 0)))
+    qc = qc.reshape(q.shape[0], nc, chunk, *q.shape[2:])
+    qk = jnp.einsum("bjmhd,bjnhd->bhjmn", qc, _chunked(k_win, chunk, w, m),
+                    preferred_element_type=dt)
+    qk = _unskew(qk).reshape(q.shape[0], q.shape[2], nc * chunk, w)[:, :, :m]
   # (in the compute dtype: XLA:CPU has no bf16 x bf16 -> f32 dot without batch dims)
   qp = jnp.einsum("bmhd,dw->bhmw", q.astype(dt), pe_win.astype(dt))
-  return _unskew(qk) + qp
+  return qk + qp
 
 
 def window_mask(span_frac, max_span: int, window_len: int, ramp) -> jax.Array:
@@ -187,11 +230,23 @@ def window_mask(span_frac, max_span: int, window_len: int, ramp) -> jax.Array:
   return span_mask(distance - 1, z, ramp)
 
 
-def context_output(weights, v_win):
-  """sum_j w[i, j] v[i + j]: `[B, H, M, W]` weights, `[B, W + M, H, D]` values -> `[B, M, H, D]`."""
+def context_output(weights, v_win, chunk: int | None = None):
+  """sum_j w[i, j] v[i + j]: `[B, H, M, W]` weights, `[B, W + M, H, D]` values -> `[B, M, H, D]`.
+
+  Chunked as `context_logits` (same default), cost M (W + c).
+  """
   dt = compute_dtype(weights)
-  w = _skew(weights).astype(v_win.dtype)
-  return jnp.einsum("bhmn,bnhd->bmhd", w, v_win, preferred_element_type=dt)
+  b, h, m, w = weights.shape
+  chunk = query_chunk(m, w) if chunk is None else int(chunk)
+  if chunk >= m:
+    ws = _skew(weights).astype(v_win.dtype)
+    return jnp.einsum("bhmn,bnhd->bmhd", ws, v_win, preferred_element_type=dt)
+  nc = -(-m // chunk)
+  wc = jnp.pad(weights, ((0, 0), (0, 0), (0, nc * chunk - m), (0, 0)))
+  wc = _skew(wc.reshape(b, h, nc, chunk, w)).astype(v_win.dtype)
+  out = jnp.einsum("bhjmn,bjnhd->bjmhd", wc, _chunked(v_win, chunk, w, m),
+                   preferred_element_type=dt)
+  return out.reshape(b, nc * chunk, *out.shape[3:])[:, :m]
 
 
 def check_span(span, ramp, num_heads):
@@ -206,7 +261,8 @@ def check_span(span, ramp, num_heads):
 def seq_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pe: jax.Array, *,
                   span: jax.Array | None = None, ramp: float | None = None,
                   trim_len: int = 0, eps: float = RENORM_EPS,
-                  attn_dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+                  attn_dropout: Callable[[jax.Array], jax.Array] | None = None,
+                  query_chunk: int | None = None) -> jax.Array:
   """The authors' `SeqAttention` (with `AdaptiveSpan` when `span` is given).
 
   Args:
@@ -220,6 +276,9 @@ def seq_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pe: jax.Array, *
     trim_len: static int; skip the `trim_len` farthest distances (`trim_length()`).
     eps: the renormaliser's epsilon (the authors' 1e-8).
     attn_dropout: applied to the attention weights (the authors' dropout), or None.
+    query_chunk: queries per chunk of the banded computation (None: `query_chunk()`,
+      64 when the window is shorter than the block, else the whole block); the result
+      does not depend on it, the cost is M (W + chunk) logits.
 
   Returns:
     `[batch, M, heads, head_dim]` in q's dtype.
@@ -227,14 +286,14 @@ def seq_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pe: jax.Array, *
   max_span, key_pe = check_inputs(q, k, v, key_pe)
   check_span(span, ramp, q.shape[2])
   k_win, v_win, pe_win = window(k, v, key_pe, q.shape[1], trim_len)
-  logits = context_logits(q, k_win, pe_win) / math.sqrt(q.shape[-1])
+  logits = context_logits(q, k_win, pe_win, query_chunk) / math.sqrt(q.shape[-1])
   w = jax.nn.softmax(logits, axis=-1)
   if span is not None:
     w = w * window_mask(span, max_span, pe_win.shape[1], ramp).astype(w.dtype)
     w = w / (jnp.sum(w, axis=-1, keepdims=True) + eps)
   if attn_dropout is not None:
     w = attn_dropout(w)
-  return context_output(w, v_win).astype(q.dtype)
+  return context_output(w, v_win, query_chunk).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -256,7 +315,16 @@ class AdaptiveSpanAttention(MultiHeadDotProductAttention):
   across windows; the current token is excluded, as in the authors' code).
 
   Static (Python) state: `trim_len` (see `update_trim_lengths`) and `cache_size`.
+
+  Inside `zoo.parallel.sharding_context(mesh, strategy="halo")` the block is split along
+  its length over the mesh's `seq` axis (`zoo.parallel.sequence_adaptive_span`): each
+  shard gets the W = S - trim_len keys / values before it from the previous shards and,
+  for the first ones, from the cache (its last W inputs, projected once and replicated);
+  the result equals the unsplit layer. Attention dropout then draws per-shard masks.
   """
+
+  # The core whose strategies `zoo.parallel.sequence_adaptive_span` registers.
+  sequence_parallel_core: str | None = "adaptive_span"
 
   def __init__(self, width: int, num_heads: int, *, causal: bool = True,
                max_span: int = 256, ramp: int = 32, span_init: float = 0.0,
@@ -366,10 +434,37 @@ class AdaptiveSpanAttention(MultiHeadDotProductAttention):
     del grid
     if mask is not None:
       raise ValueError("adaptive-span attention has a fixed causal window; it takes no mask")
+    ctx = mesh_lib.active()
+    if ctx is not None and ctx.strategy is not None:
+      return self._finish(x, self._sequence_parallel(x, cache, key_pe, trim_len, ctx))
     h_all, key_pe, trim_len = self._inputs_and_pe(x, cache, key_pe, trim_len)
     q, k, v = self._project(x, h_all)
     y = self.attend_seq(q, k, v, key_pe, trim_len)
     return self._finish(x, y)
+
+  def core_options(self, key_pe=None, trim_len: int | None = None) -> dict:
+    """The functional core's options for `zoo.parallel.sequence` (span, key_pe, trim)."""
+    key_pe = self.key_pe[...] if key_pe is None else key_pe
+    options = dict(key_pe=key_pe, span=self.span[...] if self.adapt_span else None,
+                   ramp=self.ramp, trim_len=self.trim_len if trim_len is None else trim_len)
+    drop = self.attn_dropout
+    if self.attn_dropout_rate and not drop.deterministic:
+      options.update(attn_dropout_rate=self.attn_dropout_rate, dropout_key=drop.rngs())
+    return options
+
+  def _sequence_parallel(self, x, cache, key_pe, trim_len, ctx):
+    """The block split over `seq`; the cache's last W inputs projected and replicated."""
+    from zoo.parallel import sequence  # pylint: disable=import-outside-toplevel
+    _, key_pe, trim_len = self._inputs_and_pe(x[:, :0], None, key_pe, trim_len)
+    q, k, v = self._project(x, x)
+    options = self.core_options(key_pe, trim_len)
+    if cache is not None:
+      w = self.max_span - trim_len
+      tail = cache[:, max(0, cache.shape[1] - w):].astype(x.dtype)
+      _, k_cache, v_cache = self._project(tail[:, :0], tail)
+      options.update(k_cache=k_cache, v_cache=v_cache)
+    return sequence.run(self.sequence_parallel_core, q, k, v, mesh=ctx.mesh,
+                        strategy=ctx.strategy, causal=True, **options)
 
 
 # ----------------------------------------------------------------------------------------

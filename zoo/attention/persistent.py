@@ -51,12 +51,13 @@ def persistent_seq_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pe: j
                              pers_key: jax.Array, pers_val: jax.Array, *,
                              span: jax.Array | None = None, ramp: float | None = None,
                              trim_len: int = 0, eps: float = span_lib.RENORM_EPS,
-                             attn_dropout: Callable[[jax.Array], jax.Array] | None = None
-                             ) -> jax.Array:
+                             attn_dropout: Callable[[jax.Array], jax.Array] | None = None,
+                             query_chunk: int | None = None) -> jax.Array:
   """`SeqAttention` with `PersistentMemory` (and `AdaptiveSpan` when `span` is given).
 
   Args:
-    q, k, v, key_pe, span, ramp, trim_len, eps, attn_dropout: as `seq_attention`.
+    q, k, v, key_pe, span, ramp, trim_len, eps, attn_dropout, query_chunk: as
+      `seq_attention`.
     pers_key: stored persistent keys `[N, heads, head_dim]`, used times sqrt(head_dim).
     pers_val: stored persistent values `[N, heads, head_dim]`, used times sqrt(N).
 
@@ -69,7 +70,7 @@ def persistent_seq_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pe: j
   span_lib.check_span(span, ramp, heads)
   dt = span_lib.compute_dtype(q)
   k_win, v_win, pe_win = span_lib.window(k, v, key_pe, q.shape[1], trim_len)
-  ctx = span_lib.context_logits(q, k_win, pe_win)
+  ctx = span_lib.context_logits(q, k_win, pe_win, query_chunk)
   pk = pers_key.astype(dt) * math.sqrt(head_dim)
   pers = jnp.einsum("bmhd,nhd->bhmn", q.astype(dt), pk)
   logits = jnp.concatenate([ctx, pers], axis=-1) / math.sqrt(head_dim)
@@ -82,7 +83,7 @@ def persistent_seq_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_pe: j
     w_ctx, w_pers = w_ctx / total, w_pers / total
   if attn_dropout is not None:
     w_ctx, w_pers = attn_dropout(w_ctx), attn_dropout(w_pers)
-  out = span_lib.context_output(w_ctx, v_win)
+  out = span_lib.context_output(w_ctx, v_win, query_chunk)
   pv = pers_val.astype(dt) * math.sqrt(n)
   out = out + jnp.einsum("bhmn,nhd->bmhd", w_pers, pv)
   return out.astype(q.dtype)
@@ -106,6 +107,12 @@ class PersistentMemoryAttention(span_lib.AdaptiveSpanAttention):
                               / math.sqrt(self.head_dim))
     self.pers_val = nnx.Param(jax.random.normal(rngs.params(), shape, param_dtype)
                               / math.sqrt(persistent_size))
+
+  sequence_parallel_core = "persistent_memory"
+
+  def core_options(self, key_pe=None, trim_len: int | None = None) -> dict:
+    return {**super().core_options(key_pe, trim_len), "pers_key": self.pers_key[...],
+            "pers_val": self.pers_val[...]}
 
   def attend_seq(self, q, k, v, key_pe, trim_len):
     return persistent_seq_attention(

@@ -72,6 +72,12 @@ token must be a real patch; a padding mask would need masked pooling that neithe
 paper nor the code defines. The module raises ValueError if `mask` is passed. It has no
 causal form either (K1^T V mixes all positions): registered with `supports_causal=False`.
 
+Sequence parallelism: under a sharding context with a strategy (`config.sequence_parallel`
+with `mesh.seq > 1`), `SoftAttention` runs `zoo.parallel.sequence_soft` (`all_gather`:
+landmarks from each shard's own grid rows, gathered; K1^T V psum'd; the convolution on V
+gets its neighbours' boundary rows by ppermute; or `gspmd`), passing its landmark and
+convolution functions. The rows per shard must be a multiple of `ratio` (see that module).
+
 Parameter mapping to the authors' `SoftmaxFreeAttention` (PyTorch `Linear.weight` is
 [out, in], `Conv2d.weight` is [out, in, kh, kw]):
 
@@ -96,6 +102,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.attention import registry
+from zoo.parallel import mesh as mesh_lib
 
 LANDMARKS = ("conv", "pool")
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -282,6 +289,18 @@ def soft_attention(q: jax.Array, v: jax.Array, landmarks: jax.Array, *,
                                                                       q.shape[3]):
     raise ValueError(f"landmarks {landmarks.shape} must be [batch, m, heads, head_dim] "
                      f"matching q {q.shape}")
+  return nystrom(q, v, landmarks, num_iters=num_iters, ridge=float(ridge),
+                 differentiate_iterations=differentiate_iterations, precision=precision)
+
+
+def nystrom(q, v, landmarks, *, num_iters, ridge, differentiate_iterations, precision,
+            sum_over_tokens=None):
+  """`soft_attention` without the argument checks, on (a shard of) the tokens.
+
+  `sum_over_tokens`: applied to K1^T V `[B, H, m, dv]`, the only sum over tokens; the
+  sequence-parallel strategy passes a `psum` over the `seq` axis (each shard holds some
+  tokens and all the landmarks). None: the tokens are all here.
+  """
   compute = jnp.promote_types(q.dtype, jnp.float32)
   qs = (q.astype(compute) * query_scale(q.shape[-1])).transpose(0, 2, 1, 3)  # [B, H, n, d]
   lm = landmarks.astype(compute).transpose(0, 2, 1, 3)  # [B, H, m, d]
@@ -290,6 +309,8 @@ def soft_attention(q: jax.Array, v: jax.Array, landmarks: jax.Array, *,
   k2_inv = newton_inverse(k2, num_iters=num_iters, ridge=ridge,
                           differentiate_iterations=differentiate_iterations)
   k1v = jnp.einsum("bhnm,bnhe->bhme", k1, v.astype(compute), precision=precision)
+  if sum_over_tokens is not None:
+    k1v = sum_over_tokens(k1v)
   w = jnp.matmul(k2_inv, k1v, precision=_HIGHEST)  # [B, H, m, dv]
   out = jnp.einsum("bhnm,bhme->bnhe", k1, w, precision=precision)
   return out.astype(q.dtype)
@@ -401,12 +422,32 @@ class SoftAttention(nnx.Module):
       raise ValueError(f"SOFT attention expects [batch, length, {self.width}], got {x.shape}")
     grid = check_grid(grid, x.shape[1], self.ratio)
     q, v = self.query(x), self.value(x)  # [B, n, H, d]
+    ctx = mesh_lib.active()
+    if ctx is not None and ctx.strategy is not None:
+      # Sequence parallel (zoo.parallel.sequence_soft): q is passed as the keys (K = Q).
+      from zoo.parallel import sequence  # pylint: disable=import-outside-toplevel
+      y = sequence.run(self.sequence_parallel_core, q, q, v, mesh=ctx.mesh,
+                       strategy=ctx.strategy, causal=False, **self.core_options(grid))
+      return self.out(y)
     landmarks = self.make_landmarks(q * jnp.asarray(query_scale(self.head_dim), q.dtype), grid)
     y = soft_attention(q, v, landmarks, num_iters=self.num_iters, ridge=self.ridge,
                        differentiate_iterations=self.differentiate_iterations)
     if self.value_conv is not None:
       y = y + self.conv_values(v, grid).astype(y.dtype)
     return self.out(y)
+
+  # The name under which `zoo.parallel.sequence_soft` registers SOFT's strategies.
+  sequence_parallel_core = "soft"
+
+  def core_options(self, grid) -> dict:
+    """Options of the sequence-parallel strategies: the grid, the Newton options, and
+    this module's landmark and value-convolution functions (they close over its
+    parameters, replicated on every shard)."""
+    return dict(grid=grid, ratio=self.ratio, conv_size=self.conv_size,
+                num_iters=self.num_iters, ridge=self.ridge,
+                differentiate_iterations=self.differentiate_iterations,
+                landmark_fn=self.make_landmarks,
+                value_conv_fn=self.conv_values if self.value_conv is not None else None)
 
 
 registry.register(

@@ -495,3 +495,156 @@ def dataset_info(data_config) -> dict[str, Any]:
       "num_test_examples": num_examples.get(test_split),
       "test_split": test_split,
   }
+
+
+################################################################################
+# Contiguous segment streams (adaptive-span / Transformer-XL style LMs).
+################################################################################
+
+# The authors' enwik8 split (prep_enwik8.py): the last 2 x 5M bytes are validation, test.
+ENWIK8_HELDOUT_BYTES = 5_000_000
+STREAM_SOURCES = ("byte_text", "byte_file")
+
+
+def load_token_stream(data_config, split: str) -> np.ndarray:
+  """A split as one uint8 byte stream, for the segment iterators.
+
+  `byte_text`: `byte_text.load_stream` (a separator before every file).
+  `byte_file`: one raw file `data_config.path` (e.g. enwik8) split as the adaptive-span
+    authors' `prep_enwik8.py`: test = the last `heldout_bytes` bytes (default 5,000,000),
+    validation = the `heldout_bytes` before them, train = the rest. Memory-mapped; nothing
+    is downloaded.
+  """
+  name = data_config["name"]
+  if name == "byte_text":
+    return byte_text.load_stream(get_builder(data_config), split)
+  if name != "byte_file":
+    raise ValueError(f"segment streams read data.name in {STREAM_SOURCES}, got {name!r}")
+  path = data_config.get("path")
+  if not path or not os.path.isfile(os.path.expanduser(path)):
+    raise FileNotFoundError(
+        f"data.name='byte_file' needs data.path pointing at a raw byte file (e.g. the "
+        f"unzipped enwik8 from http://mattmahoney.net/dc/enwik8.zip), got {path!r}")
+  data = np.memmap(os.path.expanduser(path), dtype=np.uint8, mode="r")
+  held = int(data_config.get("heldout_bytes") or ENWIK8_HELDOUT_BYTES)
+  if len(data) <= 2 * held:
+    raise ValueError(f"{path} has {len(data)} bytes, too few for two held-out splits of "
+                     f"{held} (set data.heldout_bytes)")
+  splits = {"train": data[:-2 * held], "validation": data[-2 * held:-held],
+            "test": data[-held:]}
+  if split not in splits:
+    raise ValueError(f"byte_file split must be one of {sorted(splits)}, got {split!r}")
+  return splits[split]
+
+
+class SegmentIterator:
+  """Consecutive blocks of M tokens per batch row, for LMs that carry a cache.
+
+  As the adaptive-span authors' `_batchify` and `train_iteration`: the split's stream is
+  cut into B = batch_size contiguous rows, and batch j holds, for every row r, inputs
+  row_r[p : p + M] and targets row_r[p + 1 : p + M + 1] with p the row position of block
+  j; so row r of batch j + 1 continues row r of batch j, and a model's cache carried from
+  one batch to the next holds the tokens just before.
+
+  train=True (endless): rows of L = n // B bytes (the tail n mod B dropped, as the
+    authors). Epoch 0 starts at p = 0; a block is taken while p + M < L; at the end the
+    next epoch starts at a random offset p in [0, M) drawn from (seed, epoch) (the
+    authors' `random.randrange(block_size)`), and the batch carries `reset` = 1 so the
+    trainer zeroes the caches, as the authors do. Otherwise `reset` = 0.
+  train=False (one pass): rows of L = ceil((n - 1) / B) targets, so every target byte of
+    the split is scored exactly once (the authors drop the tail that does not fill a
+    whole block; here it is padded with mask 0), ceil(L / M) batches, `reset` = 1 on the
+    first.
+
+  Batches (this process's rows of the global batch, `batch_size // process_count`):
+  inputs, targets int32 [b, M], mask float32 [b, M], reset float32 [b].
+  `get_state()` is {"epoch": e, "pos": p} (train) or {"block": j} (eval); `set_state()` on
+  a fresh iterator with the same arguments continues exactly.
+  """
+
+  def __init__(self, stream: np.ndarray, *, batch_size: int, block_len: int, train: bool,
+               seed: int = 0, process_index: int | None = None,
+               process_count: int | None = None):
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if batch_size % count:
+      raise ValueError(f"Global batch_size={batch_size} is not divisible by "
+                       f"the process count {count}.")
+    if not isinstance(block_len, (int, np.integer)) or block_len < 1:
+      raise ValueError(f"block_len must be a positive int, got {block_len!r}")
+    local = batch_size // count
+    self.rows = np.arange(index * local, (index + 1) * local)
+    self.stream, self.block_len, self.train, self.seed = stream, int(block_len), train, seed
+    n = len(stream)
+    if train:
+      self.row_len = n // batch_size
+      if self.row_len < block_len + 1:
+        raise ValueError(f"the stream has {n} tokens: {batch_size} rows of "
+                         f"{self.row_len} are too short for blocks of {block_len} (+1 target)")
+      self.num_blocks = None
+      self._state = {"epoch": 0, "pos": 0}
+    else:
+      self.row_len = max(1, -(-(n - 1) // batch_size))
+      self.num_blocks = -(-self.row_len // block_len)
+      self._state = {"block": 0}
+
+  def epoch_offset(self, epoch: int) -> int:
+    return 0 if epoch == 0 else int(
+        np.random.default_rng([self.seed, epoch]).integers(self.block_len))
+
+  def __iter__(self):
+    return self
+
+  def __len__(self):
+    if self.num_blocks is None:
+      raise TypeError("a training SegmentIterator is endless")
+    return self.num_blocks
+
+  def get_state(self) -> dict:
+    return dict(self._state)
+
+  def set_state(self, state: dict) -> None:
+    want = {"epoch", "pos"} if self.train else {"block"}
+    if set(state) != want:
+      raise ValueError(f"SegmentIterator state must have keys {sorted(want)}, got {state}")
+    self._state = {k: int(v) for k, v in state.items()}
+
+  def _read(self, starts: np.ndarray, limit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens stream[starts + t] for t in [0, M], valid where start + t < limit."""
+    idx = starts[:, None] + np.arange(self.block_len + 1)
+    valid = idx < limit[:, None]
+    chunk = np.where(valid, self.stream[np.minimum(idx, len(self.stream) - 1)], 0)
+    return chunk.astype(np.int32), valid
+
+  def __next__(self) -> dict:
+    m = self.block_len
+    if self.train:
+      epoch, pos = self._state["epoch"], self._state["pos"]
+      starts = self.rows * self.row_len + pos
+      chunk, _ = self._read(starts, np.full(len(self.rows), len(self.stream)))
+      reset = float(pos == self.epoch_offset(epoch))
+      mask = np.ones((len(self.rows), m), np.float32)
+      pos += m
+      if pos + m >= self.row_len:  # the authors' `train_pos >= data.size(1) - block_size`
+        epoch, pos = epoch + 1, self.epoch_offset(epoch + 1)
+      self._state = {"epoch": epoch, "pos": pos}
+    else:
+      j = self._state["block"]
+      if j >= self.num_blocks:
+        raise StopIteration
+      pos = j * m
+      begin = self.rows * self.row_len
+      end = np.minimum(begin + self.row_len + 1, len(self.stream))  # row r's last target + 1
+      chunk, valid = self._read(begin + pos, end)
+      mask = valid[:, 1:].astype(np.float32)
+      reset = float(j == 0)
+      self._state = {"block": j + 1}
+    return {"inputs": chunk[:, :-1], "targets": chunk[:, 1:], "mask": mask,
+            "reset": np.full(len(self.rows), reset, np.float32)}
+
+
+def make_segment_iterator(data_config, split: str, *, batch_size: int, block_len: int,
+                          train: bool, seed: int = 0) -> SegmentIterator:
+  """A `SegmentIterator` over `load_token_stream(data_config, split)`."""
+  return SegmentIterator(load_token_stream(data_config, split), batch_size=batch_size,
+                         block_len=block_len, train=train, seed=seed)

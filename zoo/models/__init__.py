@@ -1,4 +1,5 @@
-"""Backbones: `ViT` and the causal `DecoderLM`, both built on one transformer block."""
+"""Backbones: `ViT` and the causal `DecoderLM`, both built on one transformer block, and
+the authors' `TransformerSeq` (adaptive span / all-attention LM with segment caches)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo import attention as attention_lib
+from zoo.models import transformer_seq
 from zoo.models.lm import DecoderLM
+from zoo.models.transformer_seq import TransformerSeq
 from zoo.models.transformer import Encoder, Encoder1DBlock, MlpBlock
 from zoo.models.vit import ViT, decode_variant
 
-MODELS = {"vit": ViT, "lm": DecoderLM}
-CAUSAL = {"vit": False, "lm": True}
+MODELS = {"vit": ViT, "lm": DecoderLM, "transformer_seq": TransformerSeq}
+CAUSAL = {"vit": False, "lm": True, "transformer_seq": True}
 
 
 def _dtype(name):
@@ -30,16 +33,26 @@ def validate(model_config: Mapping[str, Any]) -> None:
   name = model_config.get("name")
   if name not in MODELS:
     raise ValueError(f"model.name must be one of {sorted(MODELS)}, got {name!r}")
+  if name == "transformer_seq":  # its own attention set (sequential layers over a cache)
+    transformer_seq.model_kwargs(model_config)
+    for key in ("dtype", "param_dtype"):
+      _dtype(model_config.get(key))
+    return
   attention_lib.validate(model_config.get("attention", "softmax"),
                          dict(model_config.get("attention_options") or {}),
                          causal=CAUSAL[name])
 
 
 def create(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
-  """Builds `ViT` or `DecoderLM` from a config dict (`name` plus constructor arguments)."""
+  """Builds `ViT`, `DecoderLM` or `TransformerSeq` from a config dict (`name` plus
+  constructor arguments; for transformer_seq see `transformer_seq.model_kwargs`)."""
   validate(model_config)
-  kwargs = dict(model_config)
-  cls = MODELS[kwargs.pop("name")]
+  if model_config["name"] == "transformer_seq":
+    kwargs = transformer_seq.model_kwargs(model_config)
+    cls = TransformerSeq
+  else:
+    kwargs = dict(model_config)
+    cls = MODELS[kwargs.pop("name")]
   for key in ("dtype", "param_dtype"):
     if key in kwargs:
       kwargs[key] = _dtype(kwargs[key])
@@ -51,5 +64,5 @@ def create(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
     raise ValueError(f"bad model config for {cls.__name__}: {e}") from None
 
 
-__all__ = ["ViT", "DecoderLM", "Encoder", "Encoder1DBlock", "MlpBlock", "create", "validate",
-           "decode_variant"]
+__all__ = ["ViT", "DecoderLM", "TransformerSeq", "Encoder", "Encoder1DBlock", "MlpBlock",
+           "create", "validate", "decode_variant"]

@@ -28,8 +28,9 @@ Architecture (as the authors' code, not the usual pre-LN transformer):
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ from flax import nnx
 
 from zoo.attention import adaptive_span as span_lib
 from zoo.attention import persistent as persistent_lib
+from zoo.attention import pointwise as pointwise_lib
 
 
 class FeedForwardLayer(nnx.Module):
@@ -54,19 +56,52 @@ class FeedForwardLayer(nnx.Module):
     return self.fc2(self.dropout(jax.nn.relu(self.fc1(h))))
 
 
+class PointwiseSeqAttention(span_lib.AdaptiveSpanAttention):
+  """Pointwise attention (Wortsman et al. 2023) over the same window and cache.
+
+  The layer of `AdaptiveSpanAttention` with a fixed span (no mask) where the softmax is
+  replaced by S^-alpha h(logits): query i sees the S previous positions (the current
+  token excluded, as the authors' layer), logits (q.k + q.key_pe) / sqrt(head_dim), no
+  normalisation over keys. L = S for every query (zero keys before the stream's start
+  carry zero values, so they add nothing).
+  """
+
+  def __init__(self, width: int, num_heads: int, *, activation: str = "relu",
+               alpha: float = 1.0, **kwargs):
+    pointwise_lib.check_options(activation, alpha, None)
+    kwargs["adapt_span"] = False
+    super().__init__(width, num_heads, **kwargs)
+    self.activation, self.alpha = activation, float(alpha)
+
+  def attend_seq(self, q, k, v, key_pe, trim_len):
+    max_span, key_pe = span_lib.check_inputs(q, k, v, key_pe)
+    k_win, v_win, pe_win = span_lib.window(k, v, key_pe, q.shape[1], trim_len)
+    logits = span_lib.context_logits(q, k_win, pe_win) / math.sqrt(q.shape[-1])
+    w = pointwise_lib.ACTIVATIONS[self.activation](logits) * float(max_span) ** -self.alpha
+    dropout = self._dropout_fn()
+    if dropout is not None:
+      w = dropout(w)
+    return span_lib.context_output(w, v_win).astype(q.dtype)
+
+
 class TransformerSeqLayer(nnx.Module):
   """Post-LN block: norm1(h + attn(h, cache)), then norm2(h + ff(h)) unless all-attention."""
 
   def __init__(self, width: int, num_heads: int, inner_size: int, *, max_span: int,
                ramp: int, span_init: float, span_loss: float, adapt_span: bool,
                adapt_cache: bool, persistent_size: int, dropout: float,
-               trim_granularity: int, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               trim_granularity: int, activation: str | None = None, alpha: float = 1.0,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     attn_kw = dict(causal=True, max_span=max_span, ramp=ramp, span_init=span_init,
                    span_loss=span_loss, adapt_span=adapt_span, adapt_cache=adapt_cache,
                    attn_dropout=dropout, shared_key_pe=True,
                    trim_granularity=trim_granularity, **kw)
-    if persistent_size > 0:
+    if activation is not None:
+      attn_kw.pop("adapt_span")
+      self.attn = PointwiseSeqAttention(width, num_heads, activation=activation, alpha=alpha,
+                                        **attn_kw)
+    elif persistent_size > 0:
       self.attn = persistent_lib.PersistentMemoryAttention(
           width, num_heads, persistent_size=persistent_size, **attn_kw)
     else:
@@ -102,6 +137,11 @@ class TransformerSeq(nnx.Module):
     adapt_cache: shrink caches with the trimmed window (`adapt_span_cache`).
     persistent_size: N persistent vectors per head; > 0 makes all-attention layers.
     dropout, emb_dropout: the authors' `dropout` and `emb_dropout`.
+    activation, alpha: pointwise attention h and alpha (`PointwiseSeqAttention`) instead
+      of the softmax; needs adapt_span=False and persistent_size=0.
+
+  From a config use `model_kwargs(model_config)` (attention name + options, see
+  `ATTENTIONS`), which `zoo.models.create` does for `name: transformer_seq`.
   """
 
   def __init__(self, *, vocab_size: int, width: int, num_heads: int, depth: int,
@@ -109,7 +149,11 @@ class TransformerSeq(nnx.Module):
                span_init: float = 0.0, span_loss: float = 0.0, adapt_span: bool = True,
                adapt_cache: bool = False, persistent_size: int = 0, dropout: float = 0.0,
                emb_dropout: float = 0.0, trim_granularity: int = span_lib.TRIM_GRANULARITY,
+               activation: str | None = None, alpha: float = 1.0,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if activation is not None and (adapt_span or persistent_size):
+      raise ValueError("pointwise attention (activation=...) takes a fixed span: it needs "
+                       "adapt_span=False and persistent_size=0")
     if width % num_heads:
       raise ValueError(f"width {width} must be a multiple of num_heads {num_heads}")
     self.vocab_size, self.width, self.num_heads, self.depth = vocab_size, width, num_heads, depth
@@ -127,7 +171,7 @@ class TransformerSeq(nnx.Module):
           width, num_heads, inner_size or 4 * width, max_span=max_span, ramp=ramp,
           span_init=span_init, span_loss=span_loss, adapt_span=adapt_span,
           adapt_cache=adapt_cache, persistent_size=persistent_size, dropout=dropout,
-          trim_granularity=trim_granularity, **kw))
+          trim_granularity=trim_granularity, activation=activation, alpha=alpha, **kw))
 
   def layers(self) -> list[TransformerSeqLayer]:
     return [getattr(self, f"layers_{i}") for i in range(self.depth)]
@@ -165,6 +209,103 @@ class TransformerSeq(nnx.Module):
       h = layer(h, cache, key_pe)
     h = self.emb_dropout(h)
     return jax.nn.log_softmax(self.out_emb(h), axis=-1), next_caches
+
+
+# ----------------------------------------------------------------------------------------
+# From a config: `attention` name + `attention_options` -> constructor arguments.
+
+_SPAN_OPTIONS = {"ramp": 32, "span_init": 0.0, "span_loss": 0.0, "adapt_cache": False,
+                 "trim_granularity": span_lib.TRIM_GRANULARITY}
+# attention name -> (options it accepts with their defaults, fixed constructor arguments).
+ATTENTIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "adaptive_span": (dict(_SPAN_OPTIONS), {"adapt_span": True, "persistent_size": 0}),
+    "persistent_memory": ({**_SPAN_OPTIONS, "persistent_size": 16, "adapt_span": True}, {}),
+    "softmax": ({}, {"adapt_span": False, "persistent_size": 0}),
+    "pointwise": ({"activation": "relu", "alpha": 1.0},
+                  {"adapt_span": False, "persistent_size": 0}),
+    **{name: ({"alpha": 1.0}, {"adapt_span": False, "persistent_size": 0, "activation": name})
+       for name in pointwise_lib.ACTIVATIONS},
+}
+# Model-level keys of a `transformer_seq` config besides name / attention / options.
+MODEL_KEYS = ("vocab_size", "width", "num_heads", "depth", "max_span", "inner_size",
+              "dropout", "emb_dropout", "dtype", "param_dtype")
+REQUIRED_KEYS = ("vocab_size", "width", "num_heads", "depth", "max_span")
+
+
+def attention_option_defaults(attention: str) -> dict[str, Any]:
+  """The options `attention` takes in a TransformerSeq, with their defaults."""
+  if attention not in ATTENTIONS:
+    raise ValueError(f"transformer_seq attention must be one of {sorted(ATTENTIONS)}, "
+                     f"got {attention!r}")
+  return dict(ATTENTIONS[attention][0])
+
+
+def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
+  """`TransformerSeq` keyword arguments from a config (validates it; no rngs, no dtypes).
+
+  The config holds `name: transformer_seq`, the `MODEL_KEYS`, `attention` (a key of
+  `ATTENTIONS`: adaptive_span, persistent_memory, softmax, pointwise or a pointwise
+  activation name such as relu) and `attention_options` (that attention's options only).
+  Softmax and pointwise attention use the same S-token window and cache with a fixed
+  span (no mask).
+  """
+  config = dict(model_config)
+  config.pop("name", None)
+  attention = config.pop("attention", "adaptive_span")
+  options = dict(config.pop("attention_options", None) or {})
+  unknown = sorted(set(config) - set(MODEL_KEYS))
+  if unknown:
+    raise ValueError(f"unknown model key(s) {unknown} for transformer_seq; accepted: "
+                     f"{sorted(MODEL_KEYS + ('name', 'attention', 'attention_options'))}")
+  missing = [k for k in REQUIRED_KEYS if config.get(k) is None]
+  if missing:
+    raise ValueError(f"transformer_seq needs model.{', model.'.join(missing)}")
+  for key in ("vocab_size", "width", "num_heads", "depth", "max_span"):
+    if not isinstance(config[key], int) or config[key] < 1:
+      raise ValueError(f"model.{key} must be a positive int, got {config[key]!r}")
+  if config["width"] % config["num_heads"]:
+    raise ValueError(f"model.width {config['width']} must be a multiple of model.num_heads "
+                     f"{config['num_heads']}")
+  for key in ("dropout", "emb_dropout"):
+    if not 0.0 <= float(config.get(key) or 0.0) < 1.0:
+      raise ValueError(f"model.{key} must lie in [0, 1), got {config[key]!r}")
+  accepted, fixed = ATTENTIONS[attention] if attention in ATTENTIONS else (None, None)
+  if accepted is None:
+    attention_option_defaults(attention)  # raises with the list of names
+  bad = sorted(set(options) - set(accepted))
+  if bad:
+    raise ValueError(f"unknown option(s) {bad} for attention {attention!r} in "
+                     f"transformer_seq; accepted: {sorted(accepted)}")
+  kwargs = {**accepted, **{k: v for k, v in options.items() if v is not None}, **fixed}
+  if "activation" in kwargs:
+    pointwise_lib.check_options(kwargs["activation"], kwargs.get("alpha", 1.0), None)
+  if "persistent_size" in accepted and (not isinstance(kwargs["persistent_size"], int)
+                                        or kwargs["persistent_size"] < 1):
+    raise ValueError(f"persistent_size must be a positive int, got "
+                     f"{kwargs['persistent_size']!r}")
+  if kwargs.get("adapt_span"):
+    if not float(kwargs["ramp"]) > 0:
+      raise ValueError(f"ramp must be > 0, got {kwargs['ramp']!r}")
+    if not 0.0 <= float(kwargs["span_init"]) <= 1.0:
+      raise ValueError(f"span_init is z/S and must lie in [0, 1], got {kwargs['span_init']!r}")
+    if float(kwargs["span_loss"]) < 0:
+      raise ValueError(f"span_loss must be >= 0, got {kwargs['span_loss']!r}")
+  elif "span_loss" in kwargs and float(kwargs["span_loss"]):
+    raise ValueError("span_loss needs adapt_span=True (there is no span to penalise)")
+  if not isinstance(kwargs.get("trim_granularity", 1), int) or kwargs.get(
+      "trim_granularity", 1) < 1:
+    raise ValueError(f"trim_granularity must be a positive int, got "
+                     f"{kwargs['trim_granularity']!r}")
+  return {**{k: v for k, v in config.items() if v is not None}, **kwargs}
+
+
+def parameter_count(model_config: Mapping[str, Any]) -> int:
+  """Parameters of the config's model, counted abstractly (`nnx.eval_shape`, no memory)."""
+  kwargs = model_kwargs(model_config)
+  kwargs.pop("dtype", None)
+  kwargs.pop("param_dtype", None)
+  model = nnx.eval_shape(lambda: TransformerSeq(**kwargs, rngs=nnx.Rngs(0)))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -273,4 +414,5 @@ def load_authors_state_dict(model: TransformerSeq, npz_or_dict,
 
 
 __all__ = ["TransformerSeq", "TransformerSeqLayer", "FeedForwardLayer",
-           "load_authors_state_dict"]
+           "PointwiseSeqAttention", "ATTENTIONS", "model_kwargs", "parameter_count",
+           "attention_option_defaults", "load_authors_state_dict"]

@@ -385,4 +385,6 @@ def run(core: str | None, q, k, v, *, mesh, strategy: str, causal: bool = False,
     raise ValueError(f"batch {q.shape[0]} does not divide by the mesh's batch axes ({replicas})")
   return _IMPLEMENTATIONS[(core, strategy)](q, k, v, mesh=mesh, causal=causal, layout=layout,
                                            **options)
+from zoo.parallel import sequence_soft  # noqa: E402,F401  registers SOFT strategies
 from zoo.parallel import sequence_aft  # noqa: E402,F401  registers AFT strategies
+from zoo.parallel import sequence_adaptive_span  # noqa: E402,F401  registers adaptive-span strategies

@@ -5,6 +5,9 @@ checkpoint in the workdir (parameters, optimiser state and the data iterator's p
 and runs to `config.total_steps` with a progress bar, JSONL + TensorBoard metrics,
 periodic evaluation and interval checkpoints. A non-finite loss stops the run before it
 can be checkpointed; SIGINT / SIGTERM save a checkpoint at the current step and stop.
+
+`task: segment_lm` (the adaptive-span `TransformerSeq`) also carries per-layer caches from
+step to step and checkpoints them; see `zoo/training/segment.py`.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from tqdm import tqdm
 from zoo import data as data_lib
 from zoo import models
 from zoo import parallel
+from zoo.attention import adaptive_span as span_lib
 from zoo.training import checkpoint as ckpt_lib
 from zoo.training import optim
+from zoo.training import segment as segment_lib
 from zoo.training import tasks
 
 
@@ -51,9 +56,15 @@ def validate_config(config) -> None:
       raise ValueError(f"config.{key} is missing")
   tasks.get(config.task)
   models.validate(config.model)
-  want = {"classification": "vit", "lm": "lm"}[config.task]
+  want = tasks.MODEL_FOR_TASK[config.task]
   if config.model.name != want:
+    if config.model.name in tasks.MODEL_FOR_TASK.values():
+      need = [t for t, m in tasks.MODEL_FOR_TASK.items() if m == config.model.name][0]
+      raise ValueError(f"task {config.task!r} needs model.name={want!r}, got "
+                       f"{config.model.name!r} (which trains with task {need!r})")
     raise ValueError(f"task {config.task!r} needs model.name={want!r}, got {config.model.name!r}")
+  if config.task == "segment_lm":
+    segment_lib.validate(config)
   if int(config.total_steps) <= 0 or int(config.batch_size) <= 0:
     raise ValueError("config.total_steps and config.batch_size must be positive")
   if int(config.batch_size) % jax.process_count():
@@ -127,13 +138,18 @@ class Placement:
             for k, v in batch.items()}
 
 
-def _state_to_save(model, optimizer) -> dict:
-  """Parameters and optimiser state as plain nested dicts (stable across Flax versions)."""
-  return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-          "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+def _state_to_save(model, optimizer, caches=None) -> dict:
+  """Parameters and optimiser state as plain nested dicts (stable across Flax versions),
+  and a segment LM's caches."""
+  state = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+           "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+  if caches is not None:
+    state["caches"] = segment_lib.caches_to_tree(caches)
+  return state
 
 
-def _apply_state(model, optimizer, restored) -> None:
+def _apply_state(model, optimizer, restored) -> list | None:
+  """Puts restored parameters (and optimiser state) in place; returns restored caches."""
   params = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(params, restored["params"])
   nnx.update(model, params)
@@ -141,6 +157,9 @@ def _apply_state(model, optimizer, restored) -> None:
     opt_state = nnx.state(optimizer)
     nnx.replace_by_pure_dict(opt_state, restored["optimizer"])
     nnx.update(optimizer, opt_state)
+  if "caches" in restored:
+    return segment_lib.caches_from_tree(restored["caches"])
+  return None
 
 
 def make_train_step(task: str, state_shardings=None):
@@ -172,8 +191,12 @@ def make_eval_step(task: str):
 def evaluate(model, config, split: str, *, max_batches: int | None = None,
              eval_step=None, progress: bool = False, placement: Placement | None = None) -> dict:
   """Evaluates `model` on `split` (one ordered pass; every example counted once)."""
-  eval_step = eval_step or make_eval_step(config.task)
   placement = placement or Placement(config)
+  if config.task == "segment_lm":
+    return segment_lib.evaluate(model, config, split, placement=placement,
+                                max_batches=max_batches, eval_step=eval_step,
+                                progress=progress)
+  eval_step = eval_step or make_eval_step(config.task)
   batch_size = int(config.get("eval_batch_size", config.batch_size))
   it = data_lib.make_iterator(config.data, split, batch_size=batch_size, train=False,
                               seed=int(config.get("seed", 0)))
@@ -273,9 +296,10 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
   checkpointer = ckpt_lib.Checkpointer(workdir, every=int(config.get("checkpoint_every", 1000)),
                                        keep=int(config.get("keep_checkpoints", 3)))
   start_step = checkpointer.latest_step() or 0
+  saved_meta = checkpointer.read_meta(start_step) if start_step else {}
   if start_step:  # refuse a different model before building anything
-    ckpt_lib.check_compatible(checkpointer.read_meta(start_step), model_config, config.task,
-                              checkpointer.directory)
+    ckpt_lib.check_compatible(saved_meta, model_config, config.task, checkpointer.directory)
+  segment = config.task == "segment_lm"
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(_to_dict(config), f, indent=1)
@@ -289,14 +313,29 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   state_shardings = placement.put((model, optimizer))
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
-  train_iter = data_lib.make_iterator(config.data, "train", batch_size=int(config.batch_size),
-                                      train=True, seed=int(config.get("seed", 0)))
+  caches = None
+  if segment:
+    train_iter = data_lib.pipeline.make_segment_iterator(
+        config.data, "train", batch_size=int(config.batch_size),
+        block_len=segment_lib.block_len(config), train=True, seed=int(config.get("seed", 0)))
+    if start_step:  # the trim lengths in force fix the cache shapes to restore onto
+      segment_lib.set_trim_lengths(model, saved_meta["trim_lengths"])
+    caches = segment_lib.init_caches(model, int(config.batch_size), placement)
+  else:
+    train_iter = data_lib.make_iterator(config.data, "train", batch_size=int(config.batch_size),
+                                        train=True, seed=int(config.get("seed", 0)))
   if start_step:
-    abstract = jax.tree.map(ocp_abstract, _state_to_save(model, optimizer))
-    _apply_state(model, optimizer, checkpointer.restore(start_step, abstract, train_iter))
+    abstract = jax.tree.map(ocp_abstract, _state_to_save(model, optimizer, caches))
+    caches = _apply_state(model, optimizer,
+                          checkpointer.restore(start_step, abstract, train_iter))
+  trim_every = int(config.get("trim_every", 1))
 
-  train_step = make_train_step(config.task, state_shardings)
-  eval_step = make_eval_step(config.task)
+  if segment:
+    train_step = segment_lib.make_train_step(state_shardings)
+    eval_step = segment_lib.make_eval_step()
+  else:
+    train_step = make_train_step(config.task, state_shardings)
+    eval_step = make_eval_step(config.task)
   writer = _MetricWriter(workdir, enabled=is_main)
   dropout_base = jax.random.key(int(config.get("seed", 0)) + 2)
   log_every = int(config.get("log_every", 50))
@@ -330,8 +369,15 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
       while step < total_steps:
         batch = next(train_iter)
         key = jax.random.fold_in(dropout_base, step)
-        with placement.context():
-          loss, aux = train_step(model, optimizer, placement.batch(batch), key)
+        if segment:
+          if step % trim_every == 0:  # host: static window sizes from the current spans
+            span_lib.update_trim_lengths(model)
+          with placement.context():
+            loss, aux, caches = train_step(model, optimizer, placement.batch(batch), caches,
+                                           key)
+        else:
+          with placement.context():
+            loss, aux = train_step(model, optimizer, placement.batch(batch), key)
         step += 1
         if pending is not None:
           lval, avals = check(pending)
@@ -350,6 +396,8 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
           scalars = {"train/loss": float(np.mean(window_loss)), "train/lr": float(schedule(step - 1)),
                      **{f"train/{k}": v for k, v in avals.items()},
                      "train/examples_per_sec": window_examples / max(elapsed, 1e-9)}
+          if segment:
+            scalars.update({f"train/{k}": v for k, v in segment_lib.span_scalars(model).items()})
           writer.write(step, scalars)
           bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
                           ex_s=f"{scalars['train/examples_per_sec']:.0f}")
@@ -357,10 +405,13 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
         if eval_every and (step % eval_every == 0 or step == total_steps):
           last_eval = evaluate(model, config, _eval_split(config), max_batches=eval_batches,
                                eval_step=eval_step, placement=placement)
-          writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
+          writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()
+                              if isinstance(v, (int, float))})
           bar.write(f"step {step}: eval {json.dumps(last_eval)}")
         if save_now:
-          checkpointer.save(step, _state_to_save(model, optimizer), train_iter, meta,
+          if segment:
+            meta = {**meta, "trim_lengths": segment_lib.trim_lengths(model)}
+          checkpointer.save(step, _state_to_save(model, optimizer, caches), train_iter, meta,
                             force=stopping or step == total_steps)
         bar.update()
         if stopping and step < total_steps:
