@@ -113,8 +113,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   ctx = active()
   if ctx is None:
     return x
-  return jax.lax.with_sharding_constraint(
-      x, NamedSharding(ctx.mesh, logical_to_spec(names, ctx.rules, ctx.mesh)))
+  spec = logical_to_spec(names, ctx.rules, ctx.mesh)
+  for dim, (name, axes) in enumerate(zip(names, spec)):
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    parts = math.prod(ctx.mesh.shape[a] for a in axes)
+    if x.shape[dim] % parts:
+      hint = ("; a ViT's token count includes the class token (pool_type 'tok'): use "
+              "pool_type gap or map, or a patch grid that divides" if name == "seq" else "")
+      raise ValueError(f"cannot shard the {name!r} dimension of size {x.shape[dim]} over "
+                       f"mesh axes {axes} of total size {parts} (shape {x.shape}){hint}")
+  return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
 
 
 def named_sharding(mesh: Mesh, names: Sequence[str | None], rules=DEFAULT_RULES) -> NamedSharding:
