@@ -97,6 +97,9 @@ def test_bad_lengths_and_options_fail_clearly():
     parallel.sequence_parallel_attention(q, q, q, mesh=mesh, kind="softmax", strategy="ring")
   with pytest.raises(ValueError, match="needs 16 devices"):
     parallel.make_mesh({"data": 4, "seq": 4})
+  with pytest.raises(ValueError, match="single-device kernel"):
+    parallel.sequence_parallel_attention(q, q, q, mesh=mesh, kind="relu", strategy="ring",
+                                         implementation="pallas")
   with parallel.sharding_context(mesh):  # 16 patches + a class token over seq=4
     with pytest.raises(ValueError, match="'seq' dimension of size 17 .*class token"):
       parallel.constrain(jnp.zeros((2, 17, 8)), ("batch", "seq", "embed"))

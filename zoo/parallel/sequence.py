@@ -366,6 +366,10 @@ def run(core: str | None, q, k, v, *, mesh, strategy: str, causal: bool = False,
                      f"available: {sorted(s for c, s in _IMPLEMENTATIONS if c == core) or 'none'}")
   if layout not in ("natural", "zigzag"):
     raise ValueError(f"layout must be natural or zigzag, got {layout!r}")
+  if options.get("implementation") is not None:
+    raise ValueError(f"implementation={options['implementation']!r} selects a single-device "
+                     f"kernel; sequence-parallel strategies run the XLA paths: drop the option "
+                     f"or config.sequence_parallel")
   if q.ndim == 4:
     masking.check_qkv(q, k, v)
   if "seq" not in mesh.shape:
