@@ -23,6 +23,7 @@ rtol 0 (sigmoid(100 q) puts many outputs near 0). Observed errors are ~1e-7 at b
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import pathlib
 
@@ -765,3 +766,70 @@ def test_sharded_backbone_equals_unsharded(which, name, strategy, monkeypatch):
   for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(grads1)),
                                nnx.to_flat_state(nnx.state(grads0))):
     _assert_sp_close(a[...], b[...], "/".join(map(str, path)))
+
+
+# ----------------------------------------------------------------------------------------
+# (h) Paper-shaped configs, built abstractly (nnx.eval_shape: no arrays, nothing read).
+
+
+def _config_module(name):
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _abstract_params(config):
+  from zoo import models  # pylint: disable=import-outside-toplevel
+  model = nnx.eval_shape(lambda: models.create(config.model.to_dict(), nnx.Rngs(0)))
+  return model, sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# Zhai et al. 2021, Table 7 ("#Params", millions, one decimal) for the models whose entry
+# is reproduced here. The zoo's counts are exact; the tolerance 0.05M is the table's
+# rounding. AFT-full keeps DeiT's class token and learned position embedding and adds
+# u, v [197, 128] per layer; AFT-conv has no class token or position embedding, K with one
+# channel per head, and a heads x k x k filter with gain and bias per head per layer.
+PAPER_TABLE7_MILLIONS = {"full_tiny": 6.3, "conv_tiny_h32_k11": 5.4, "conv_small_h16_k11": 20.3}
+
+
+@pytest.mark.parametrize("key", ["full_tiny", "conv_tiny_h32_k11", "conv_small_h16_k11",
+                                 pytest.param("conv_small_h384_k11", marks=_SLOW),
+                                 pytest.param("full_small", marks=_SLOW),
+                                 pytest.param("conv_tiny_h192_k11", marks=_SLOW),
+                                 pytest.param("conv_small_h384_k15", marks=_SLOW)])
+def test_imagenet_config_parameter_counts(key):
+  configs = _config_module("aft_imagenet")
+  model, count = _abstract_params(configs.get_config(key))
+  assert count == configs.PARAMS[key]
+  if key in PAPER_TABLE7_MILLIONS:
+    assert abs(count / 1e6 - PAPER_TABLE7_MILLIONS[key]) <= 0.05, (count, key)
+  block = model.Transformer.encoderblock_0
+  attn = block.MultiHeadDotProductAttention_0
+  if key.startswith("conv"):
+    heads, k = int(key.split("_h")[1].split("_")[0]), int(key.split("_k")[1])
+    assert attn.conv_kernel.shape == (heads, k, k) and attn.key.kernel.shape[1] == heads
+    assert not hasattr(model, "pos_embedding") and not hasattr(model, "cls")
+    assert model.pool_type == "gap"
+  else:
+    assert attn.pos_bias_u.shape == (197, 128) and model.pool_type == "tok"
+
+
+@pytest.mark.parametrize("variant,params", [
+    ("aft_local", 25_573_888), pytest.param("aft_simple", 19_282_432, marks=_SLOW)])
+def test_enwik8_config_models(variant, params):
+  """24 layers x 256, context 1024; AFT-local-32's u, v [1024, 128] bias factors per layer."""
+  configs = _config_module("aft_enwik8")
+  config = configs.get_config(variant)
+  model, count = _abstract_params(config)
+  assert count == params and config.model.depth == 24 and config.model.width == 256
+  attn = model.Transformer.encoderblock_23.MultiHeadDotProductAttention_0
+  assert attn.family == variant and attn.causal
+  if variant == "aft_local":
+    assert attn.window == 32 and attn.max_len == 1024
+    assert count - 19_282_432 == 24 * 2 * 1024 * 128  # the bias factors, vs aft_simple
+  assert configs.get_config(f"{variant},lr=0.5").optimizer.lr == 0.5
+  assert configs.get_config("aft_local,window=64").model.attention_options.window == 64
+  with pytest.raises(ValueError, match="variant"):
+    configs.get_config("aft_full")

@@ -54,6 +54,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(result)
 
 
+def key_first(arg: str | None, key: str) -> str | None:
+  """Lets an argument string name its first item without `key=`: with key 'model',
+  'small,lr=0.1' -> 'model=small,lr=0.1' (strings whose first item has '=' pass as they are)."""
+  if arg and "=" not in arg.split(",")[0]:
+    first, _, rest = arg.partition(",")
+    return f"{key}={first}" + (f",{rest}" if rest else "")
+  return arg
+
+
 def attention_option_defaults(name: str) -> dict[str, Any]:
   """Every option the named attention accepts, with its default (the family's preset wins).
 
