@@ -185,14 +185,20 @@ def query_chunk(block_len: int, window_len: int) -> int:
 def _chunked(x, chunk: int, window_len: int, block_len: int):
   """[B, W + M, H, D] -> [B, nc, chunk + W, H, D]: chunk j holds rows j*chunk .. j*chunk + chunk + W.
 
-  The block is padded with zero rows at the end up to nc * chunk queries.
+  Built from shifted slices of the rows grouped in blocks of `chunk` (no gather, so the
+  backward pass is pads and adds, not a scatter): W is rounded up to p = ceil(W / chunk)
+  blocks by zero rows in front, and each chunk drops its first p * chunk - W rows. The
+  block is padded with zero rows at the end up to nc * chunk queries.
   """
   nc = -(-block_len // chunk)
-  pad = nc * chunk - block_len
-  if pad:
-    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  idx = (np.arange(nc) * chunk)[:, None] + np.arange(chunk + window_len)[None, :]
-  return jnp.take(x, jnp.asarray(idx), axis=1)
+  blocks = -(-window_len // chunk)
+  front = blocks * chunk - window_len
+  back = nc * chunk - block_len
+  x = jnp.pad(x, ((0, 0), (front, back), (0, 0), (0, 0)))
+  xb = x.reshape(x.shape[0], nc + blocks, chunk, *x.shape[2:])
+  parts = jnp.stack([xb[:, t:t + nc] for t in range(blocks + 1)], axis=2)
+  parts = parts.reshape(x.shape[0], nc, (blocks + 1) * chunk, *x.shape[2:])
+  return parts[:, :, front:]
 
 
 def context_logits(q, k_win, pe_win, chunk: int | None = None):
