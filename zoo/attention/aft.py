@@ -52,11 +52,15 @@ and m is held constant under differentiation (exact: the output does not depend 
   depthwise conv of exp(K - mK) V with exp(w - mw) over each window, plus the keys outside
   it summed directly by cumulative sums (never total minus window, which would cancel when
   a dominant key sits in the window with a very negative w), with the same underflow test
-  and an exact fallback through the dense `[heads, T, T]` bias.
+  and an exact fallback, still linear in T: the band of offsets the filter reaches (s
+  tokens in 1-D; in 2-D the rows it spans, 2 (s // 2) cols + s) with the exact max per
+  query and feature, the keys beyond it as running log-space sums (`lax.scan`), merged;
+  rematerialised in the backward pass, so it keeps no residuals when not taken.
 
 Cost: full and local O(T^2 d) time, O(T^2 + T d) memory (local is full with the windowed
 bias, not the paper's O(T s d) banded form); simple O(T d); conv O(T s d) (1-D) or
-O(T s^2 d) (2-D) plus O(T d) cumulative sums. The exact fallbacks are O(T^2 d).
+O(T s^2 d) (2-D) plus O(T d) cumulative sums. The exact fallback of full and local is
+O(T^2 d), of conv O(T nb d) with nb the band above.
 
 Shapes: the cores take `[batch, length, dim]` arrays (AFT has no heads except conv's) and
 compute in float32 at least (float64 stays float64); the output has q's dtype.
@@ -505,6 +509,90 @@ def conv_tap_index(kernel_shape, length: int, grid=None, causal: bool = False) -
   return np.where((a >= 0) & (a < s) & (c >= 0) & (c < s), a * s + c, s * s)
 
 
+def band_offsets(kernel_shape, length: int, grid=None, causal: bool = False):
+  """(lo, hi): the offsets t' - t that AFT-conv's filter reaches (2-D: the rows it spans,
+  in row-major token order), clipped to the sequence."""
+  s = kernel_shape[1]
+  if len(kernel_shape) == 2:
+    lo, hi = (-(s - 1), 0) if causal else (-(s // 2), s // 2)
+  else:
+    r = s // 2
+    lo, hi = -(r * grid[1] + r), r * grid[1] + r
+  return max(lo, -(length - 1)), min(hi, length - 1)
+
+
+def band_taps(kernel_shape, length: int, grid, causal: bool, lo: int, hi: int) -> np.ndarray:
+  """`[T, hi - lo + 1]` index into the flattened kernel of the tap that key t + lo + j
+  occupies in query t's window (prod(kernel_shape[1:]) where none: outside the window or
+  the sequence). The banded form of `conv_tap_index`, O(T (hi - lo)) memory."""
+  s = kernel_shape[1]
+  none = int(np.prod(kernel_shape[1:]))
+  t = np.arange(length)[:, None]
+  tgt = t + np.arange(lo, hi + 1)[None, :]
+  inside = (tgt >= 0) & (tgt < length)
+  if len(kernel_shape) == 2:
+    j = (tgt - t) + ((s - 1) if causal else s // 2)
+    ok = inside & (j >= 0) & (j < s)
+    return np.where(ok, j, none)
+  cols, r = grid[1], s // 2
+  a = tgt // cols - t // cols + r
+  c = tgt % cols - t % cols + r
+  ok = inside & (a >= 0) & (a < s) & (c >= 0) & (c < s)
+  return np.where(ok, a * s + c, none)
+
+
+def band_triple(ek, ev, real, bias, length: int):
+  """Exact triple of the keys in each query's band: ek `[B, length + nb - 1, H, kc]`, ev
+  `[B, ..., H, dh]` (the keys from offset lo of query 0 on), real `[B or 1, length + nb -
+  1]` (which of them are real keys), bias `[length, nb, H]`. The max is taken over the
+  band per (query, head, channel), so nothing underflows at any scale."""
+  nb = bias.shape[1]
+  kb = jnp.stack([ek[:, j:j + length] for j in range(nb)], axis=2)  # [B, T, nb, H, kc]
+  vb = jnp.stack([ev[:, j:j + length] for j in range(nb)], axis=2)
+  ok = jnp.stack([real[:, j:j + length] for j in range(nb)], axis=2)[..., None, None]
+  s = kb + bias[None, :, :, :, None]
+  m = _finite_or_zero(jnp.max(jnp.where(ok, _sg(s), -jnp.inf), axis=2))
+  e = _masked_exp(s - m[:, :, None], ok)
+  return (jnp.where(jnp.any(ok, axis=2), m, -jnp.inf), jnp.sum(e * vb, axis=2),
+          jnp.sum(e, axis=2))
+
+
+def far_triples(leaves, nb: int, length: int, causal: bool):
+  """Running sums over the keys before (and, not causal, after) each query's band, within
+  the block of `leaves` (triples of keys from offset lo of query 0 on): (left, right);
+  right is None when causal."""
+  fills = (-jnp.inf, 0.0, 0.0)
+  prefix = _scan(leaves, axis=1)
+  left = tuple(_shift(x, -1, 1, f)[:, :length] for x, f in zip(prefix, fills))
+  if causal:
+    return left, None
+  flipped = tuple(jnp.flip(x, axis=1) for x in leaves)
+  suffix = tuple(jnp.flip(x, axis=1) for x in _scan(flipped, axis=1))
+  right = tuple(_shift(x, nb, 1, f)[:, :length] for x, f in zip(suffix, fills))
+  return left, right
+
+
+def _conv_banded(k, v, w, key_mask, *, causal, grid):
+  """Eq. 6's sums exactly, in O(T nb d): the band of biased keys with its own max per
+  query, the keys beyond it by running log-space sums. Returns (num, den) of the merged
+  triple. k `[B, T, H, kc]`, v `[B, T, H, dh]`, w `[H, s(, s)]`."""
+  t, heads = k.shape[1], w.shape[0]
+  lo, hi = band_offsets(w.shape, t, grid, causal)
+  nb = hi - lo + 1
+  pad = ((0, 0), (-lo, hi), (0, 0), (0, 0))
+  ek, ev = jnp.pad(k, pad), jnp.pad(v, pad)
+  real = jnp.pad(key_mask, ((0, 0), (-lo, hi)))
+  flat = jnp.concatenate([w.reshape(heads, -1), jnp.zeros((heads, 1), w.dtype)], axis=1)
+  bias = jnp.transpose(flat[:, band_taps(w.shape, t, grid, causal, lo, hi)], (1, 2, 0))
+  band = band_triple(ek, ev, real, bias, t)
+  leaves = _leaves(ek, ev, real[:, :, None, None])
+  left, right = far_triples(leaves, nb, t, causal)
+  out = _merge(band, left)
+  if right is not None:
+    out = _merge(out, right)
+  return out[1], out[2]
+
+
 def _conv_sums(k, v, w, key_mask, *, causal, grid):
   """Eq. 6's sums with the shifts mK, mw: (num `[B, T, H, dh]`, den `[B, T, H, kc]`).
 
@@ -551,7 +639,7 @@ def aft_conv(q: jax.Array, k: jax.Array, v: jax.Array, kernel: jax.Array, *,
   the window summed directly (cumulative sums), with mK the per-feature max of K over the
   real keys and mw = max(0, max w) per head; O(T s d) (1-D) or O(T s^2 d) (2-D). If a
   denominator underflows (K or w spanning ~90 in float32), the call is recomputed exactly
-  from the dense [heads, T, T] bias (`lax.cond`, so only then).
+  by the banded path (`lax.cond`, so only then; see the module docstring).
 
   Args:
     q, v: `[batch, length, heads * head_dim]`.
@@ -612,13 +700,9 @@ def _aft_conv(q, k, v, kernel, key_mask, *, causal, grid):
     sees_a_key = jnp.any(key_mask, axis=1)[:, None, None, None]
   underflow = jnp.any((den < float(np.sqrt(np.finfo(dt).tiny))) & sees_a_key)
 
-  def exact():
-    idx = conv_tap_index(kernel.shape, t, grid, causal)
-    taps = jnp.concatenate([wf.reshape(heads, -1), jnp.zeros((heads, 1), dt)], axis=1)
-    bias = taps[:, idx]  # [H, T, T]
-    return _exact(kf, vf, bias, key_mask, causal=causal)
-
-  num, den = jax.lax.cond(underflow, exact, lambda: (num, den))
+  # Rematerialised in the backward pass, so that the branch not taken keeps no residuals.
+  exact = jax.checkpoint(functools.partial(_conv_banded, causal=causal, grid=grid))
+  num, den = jax.lax.cond(underflow, lambda: exact(kf, vf, wf, key_mask), lambda: (num, den))
   return (jax.nn.sigmoid(qf) * _safe_ratio(num, den)).reshape(b, t, dim).astype(q.dtype)
 
 

@@ -120,12 +120,6 @@ def _merge(*ts):
   return out
 
 
-def _shift(t, offset: int):
-  """Triples along axis 1: y[i] = t[i + offset], empty out of range."""
-  fills = (-jnp.inf, 0.0, 0.0)
-  return tuple(aft._shift(x, offset, 1, f) for x, f in zip(t, fills))  # pylint: disable=protected-access
-
-
 def _gather_totals(total):
   """Every shard's total triple, `[n, ...]`."""
   return tuple(jax.lax.all_gather(x, "seq") for x in total)
@@ -207,18 +201,11 @@ def _halo_sums(q, k, v, band_bias, *, mesh, causal, lo, hi):
     pos = shard * c - hl + jnp.arange(c + hl + hr)  # global positions of the block
     real = (pos >= 0) & (pos < length)
 
-    # The band, exact: max over its keys per (query, head, channel).
-    kb = jnp.stack([ek[:, j:j + c] for j in range(nb)], axis=2)  # [B, c, nb, H, kc]
-    vb = jnp.stack([ev[:, j:j + c] for j in range(nb)], axis=2)
-    ok = jnp.stack([real[j:j + c] for j in range(nb)], axis=1)[None, :, :, None, None]
-    s = kb + bias[None, :, :, :, None]
-    m_band = _finite(jnp.max(jnp.where(ok, _sg(s), -jnp.inf), axis=2))
-    e = aft._masked_exp(s - m_band[:, :, None], ok)  # pylint: disable=protected-access
-    band = (jnp.where(jnp.any(ok, axis=2), m_band, -jnp.inf), jnp.sum(e * vb, axis=2),
-            jnp.sum(e, axis=2))
-
-    # Far keys (bias 0): running sums over the extended block, then the other shards.
-    leaves = _select(real[None, :, None, None], _leaves(ek, ev))
+    # The band, exact (max over its keys per query, head and channel); the far keys (bias
+    # 0): running sums over the extended block, plus the other shards' partial sums.
+    band = aft.band_triple(ek, ev, real[None], bias, c)
+    left, right = aft.far_triples(_select(real[None, :, None, None], _leaves(ek, ev)), nb, c,
+                                  causal)
     own = _leaves(k, v)
     totals = _gather_totals(_reduce(own, axis=1))  # [n, B, H, c]
     # Before the block: shards < shard - 1 whole, and the left neighbour's first c - hl.
@@ -226,18 +213,13 @@ def _halo_sums(q, k, v, band_bias, *, mesh, causal, lo, hi):
                       for x in _reduce_range(own, 0, c - hl))
     before = _merge(_shards_where(totals, jnp.arange(n) < shard - 1),
                     _select(shard > 0, left_part))
-    prefix = aft._scan(leaves, axis=1)  # pylint: disable=protected-access
-    far = _merge(_shift(prefix, -1), tuple(x[:, None] for x in before))
-    far = tuple(x[:, :c] for x in far)  # query j: block keys before j, i.e. before its band
-    if not causal:
+    far = _merge(left, tuple(x[:, None] for x in before))
+    if not causal:  # after the block: the right neighbour's last c - hr, shards > shard + 1
       right_part = tuple(jax.lax.ppermute(x, "seq", right_to_left)
                          for x in _reduce_range(own, hr, c))
       after = _merge(_shards_where(totals, jnp.arange(n) > shard + 1),
                      _select(shard < n - 1, right_part))
-      flipped = tuple(jnp.flip(x, axis=1) for x in leaves)
-      suffix = tuple(jnp.flip(x, axis=1) for x in aft._scan(flipped, axis=1))  # pylint: disable=protected-access
-      right = _merge(_shift(suffix, nb), tuple(x[:, None] for x in after))
-      far = _merge(far, tuple(x[:, :c] for x in right))
+      far = _merge(far, right, tuple(x[:, None] for x in after))
     _, num, den = _merge(band, far)
     return num, den
 
@@ -269,15 +251,9 @@ def _local_halo(q, k, v, *, mesh, causal, layout, pos_bias, window, block_size=N
 
 def _conv_band(kernel, length, grid, causal):
   """(lo, hi, band bias `[L, nb, H]`) of AFT-conv's filter: the taps, 0 elsewhere."""
-  heads, s = kernel.shape[0], kernel.shape[1]
-  if kernel.ndim == 2:
-    lo, hi = (-(s - 1), 0) if causal else (-(s // 2), s // 2)
-  else:
-    r = s // 2
-    lo, hi = -(r * grid[1] + r), r * grid[1] + r
-  lo, hi = max(lo, -(length - 1)), min(hi, length - 1)
-  taps = aft.conv_tap_index(kernel.shape, length, grid, causal)  # [L, L]
-  idx = taps[np.arange(length)[:, None], _band_index(length, lo, hi)]
+  heads = kernel.shape[0]
+  lo, hi = aft.band_offsets(kernel.shape, length, grid, causal)
+  idx = aft.band_taps(kernel.shape, length, grid, causal, lo, hi)
   flat = jnp.concatenate([kernel.reshape(heads, -1), jnp.zeros((heads, 1), kernel.dtype)], 1)
   return lo, hi, jnp.transpose(flat[:, idx], (1, 2, 0))
 
