@@ -3,7 +3,10 @@
 
 Restores the newest checkpoint (or --step N) and evaluates every test example once. The
 last line on stdout is one JSON object: `accuracy` and `loss` for classification,
-`bits_per_byte` (and `loss` in nats) for the byte LM.
+`bits_per_byte` (and `loss` in nats) for the byte LM. The segment LM (`task: segment_lm`,
+configs/lm_adaptive_span.py) reads the split in order with its caches (the paper's full
+evaluation) and also reports `spans`, the learned span z per layer and head in tokens,
+printed per layer on the lines before.
 """
 
 import json
@@ -33,6 +36,8 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  for layer, spans in enumerate(metrics.get("spans", [])):
+    print(f"layer {layer} spans per head: " + " ".join(f"{z:.1f}" for z in spans), flush=True)
   print(json.dumps({"step": step, "split": _SPLIT.value, **metrics}), flush=True)
 
 
