@@ -342,6 +342,24 @@ def test_byte_text_eval_covers_every_byte_once(corpus, tmp_path, monkeypatch,
   assert bytes(np.concatenate(scored).astype(np.uint8)) == stream[1:]
 
 
+def test_byte_file_feeds_the_lm_task(tmp_path):
+  """A raw byte file (enwik8's layout): test = last heldout bytes, validation before."""
+  raw = np.random.default_rng(0).integers(0, 256, 1000).astype(np.uint8)
+  path = tmp_path / "enwik_tiny"
+  path.write_bytes(raw.tobytes())
+  config = {"name": "byte_file", "path": str(path), "heldout_bytes": 100, "seq_len": 16}
+  scored = [b["targets"][b["mask"] == 1] for b in
+            data.make_iterator(config, "test", batch_size=2, train=False)]
+  assert bytes(np.concatenate(scored).astype(np.uint8)) == raw[-100:][1:].tobytes()
+  batch = next(data.make_iterator(config, "train", batch_size=2, train=True))
+  assert batch["inputs"].shape == (2, 16)
+  for row_in, row_t in zip(batch["inputs"], batch["targets"]):  # contiguous windows
+    start = bytes(raw[:800]).find(bytes(row_in.astype(np.uint8)))
+    assert start >= 0 and raw[start + 16] == row_t[-1]
+  info = data.dataset_info(config)
+  assert info["num_bytes"] == {"train": 799, "validation": 99, "test": 99}
+
+
 def test_unknown_dataset_raises_clear_error(tmp_path):
   config = ml_collections.ConfigDict({"name": "no_such_dataset_xyz",
                                       "data_dir": str(tmp_path)})

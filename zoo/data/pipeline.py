@@ -82,7 +82,7 @@ _AUTO_CACHE_BYTES = 64 * 2**20
 
 
 def _is_byte_lm(data_config) -> bool:
-  return data_config["name"] == "byte_text"
+  return data_config["name"] in ("byte_text", "byte_file")
 
 
 def local_batch_size(batch_size: int) -> int:
@@ -211,14 +211,12 @@ def make_iterator(data_config, split: str, *, batch_size: int, train: bool,
     docstring) with `get_state()` / `set_state()`.
   """
   local_bs = local_batch_size(batch_size)
-  builder = get_builder(data_config)
   index, count = jax.process_index(), jax.process_count()
   if _is_byte_lm(data_config):
-    ds = _byte_lm_dataset(builder, data_config, split, local_bs, train, seed,
-                          index, count)
+    ds = _byte_lm_dataset(data_config, split, local_bs, train, seed, index, count)
   else:
-    ds = _image_dataset(builder, data_config, split, local_bs, train, seed,
-                        index, count)
+    ds = _image_dataset(get_builder(data_config), data_config, split, local_bs, train,
+                        seed, index, count)
   read_options = grain.ReadOptions(
       num_threads=data_config.get("num_threads", 4),
       prefetch_buffer_size=data_config.get("prefetch_batches", 4))
@@ -397,9 +395,10 @@ def _epoch_offset(seed: int, epoch: int, seq_len: int) -> int:
   return int(np.random.default_rng([seed, epoch]).integers(seq_len))
 
 
-def _byte_lm_dataset(builder, data_config, split, local_bs, train, seed, index,
+def _byte_lm_dataset(data_config, split, local_bs, train, seed, index,
                      count) -> grain.MapDataset:
-  """Byte LM batches (see module docstring and zoo/data/byte_text.py).
+  """Byte LM batches (see module docstring and zoo/data/byte_text.py) from the split's
+  byte stream (`load_token_stream`: byte_text, or a raw byte_file such as enwik8).
 
   The stream of n bytes has n - 1 targets. Window w at offset o covers stream
   bytes [o + w * L, o + w * L + L] (L + 1 bytes: inputs are the first L,
@@ -412,14 +411,14 @@ def _byte_lm_dataset(builder, data_config, split, local_bs, train, seed, index,
     mask 0, so each target byte is scored exactly once.
   """
   seq_len = int(data_config["seq_len"])
-  stream = byte_text.load_stream(builder, split)
+  stream = load_token_stream(data_config, split)
   n = len(stream)
   steps = np.arange(seq_len + 1)
 
   if train:
     num_windows = n // seq_len - 1
     if num_windows < 1:
-      raise ValueError(f"byte_text {split!r} has {n} bytes, too few for "
+      raise ValueError(f"{data_config['name']} {split!r} has {n} bytes, too few for "
                        f"seq_len={seq_len}.")
 
     def train_batch(windows, epochs):
@@ -466,20 +465,25 @@ def dataset_info(data_config) -> dict[str, Any]:
        test split's target bytes, i.e. the bits-per-byte of the best
        context-free model fitted to the test set (a baseline to beat)}
   """
-  builder = get_builder(data_config)
-  splits = builder.info.splits
   if _is_byte_lm(data_config):
-    streams = {s: byte_text.load_stream(builder, s) for s in splits}
+    file_counts = {}
+    if data_config["name"] == "byte_text":
+      splits = get_builder(data_config).info.splits
+      file_counts = {s: splits[s].num_examples for s in splits}
+    names = file_counts or ("train", "validation", "test")
+    streams = {s: load_token_stream(data_config, s) for s in names}
     counts = np.bincount(np.asarray(streams["test"][1:]), minlength=256)
     p = counts[counts > 0] / counts.sum()
     return {
         "task": "byte_lm",
         "vocab_size": 256,
-        "separator": byte_text.SEPARATOR,
-        "num_files": {s: splits[s].num_examples for s in splits},
-        "num_bytes": {s: len(streams[s]) - 1 for s in splits},
+        "separator": byte_text.SEPARATOR if file_counts else None,
+        "num_files": file_counts or {s: 1 for s in names},
+        "num_bytes": {s: len(streams[s]) - 1 for s in names},
         "test_unigram_entropy_bits": float(-(p * np.log2(p)).sum()),
     }
+  builder = get_builder(data_config)
+  splits = builder.info.splits
   features = builder.info.features
   image_key = data_config.get("image_key", "image")
   label_key = data_config.get("label_key", "label")
