@@ -282,7 +282,7 @@ def _aft_full(q, k, v, w, key_mask, *, causal, block_size, window):
   # under ~1e-19, recompute everything with the exact max.
   tq, tk = w.shape
   if causal:
-    seen = jnp.cumsum(key_mask, axis=1) > 0  # [B, Tk]: some real key at or before t'
+    seen = prefix_sum(key_mask, 1) > 0  # [B, Tk]: some real key at or before t'
     sees_a_key = seen[:, np.minimum(np.arange(tq), tk - 1), None]
   else:
     sees_a_key = jnp.any(key_mask, axis=1)[:, None, None]
@@ -402,6 +402,42 @@ def _shift(x, offset: int, axis: int, fill):
   return jnp.pad(x, pad, constant_values=fill)
 
 
+# Block of `prefix_sum`'s inner cumulative sums (the longest reduce-window it leaves).
+_PREFIX_BLOCK = 64
+
+
+def prefix_sum(x: jax.Array, axis: int, reverse: bool = False, *,
+               block: int = _PREFIX_BLOCK) -> jax.Array:
+  """Inclusive cumulative sum along `axis` (`reverse`: from the end), linear on every backend.
+
+  Equal to `jax.lax.cumsum` up to rounding, but `jnp.cumsum` / `lax.cumsum` lower to a
+  reduce-window as long as the axis, which XLA evaluates in O(n * window) = O(n^2) on GPU
+  (measured quadratic on an H200). Here: a cumulative sum within blocks of `block`, the
+  exclusive prefix sum of the block totals (recursively, n / block of them), added back, so
+  no reduce-window is longer than `block`: O(n * block) work, O(n) memory, any dtype
+  (bool counts as int32, as `jnp.cumsum`). The blocked sum rounds no worse than a
+  sequential one (each output is a within-block sum plus one carried total).
+  """
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.int32)
+  axis = axis % x.ndim
+  n = x.shape[axis]
+  if n <= block:
+    return jax.lax.cumsum(x, axis=axis, reverse=reverse)
+  nb = -(-n // block)
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, nb * block - n)  # trailing zeros change neither direction's sums
+  xb = jnp.pad(x, pad).reshape(x.shape[:axis] + (nb, block) + x.shape[axis + 1:])
+  within = jax.lax.cumsum(xb, axis=axis + 1, reverse=reverse)
+  totals = jax.lax.index_in_dim(within, 0 if reverse else block - 1, axis + 1, keepdims=False)
+  # The totals of the blocks before (reverse: after) each block.
+  carry = _shift(prefix_sum(totals, axis, reverse, block=block), 1 if reverse else -1, axis, 0)
+  out = (within + jnp.expand_dims(carry, axis + 1)).reshape(
+      x.shape[:axis] + (nb * block,) + x.shape[axis + 1:])
+  return jax.lax.slice_in_dim(out, 0, n, axis=axis)
+
+
 def _ratio(t):
   return _safe_ratio(t[1], t[2])
 
@@ -474,10 +510,10 @@ def _depthwise(x, taps, padding):
 def _outside_1d(x, s, causal):
   """Sum over the keys outside each query's window (t' <= t - s causal; |t - t'| > s // 2)."""
   if causal:
-    return _shift(jnp.cumsum(x, axis=1), -s, 1, 0.0)
+    return _shift(prefix_sum(x, 1), -s, 1, 0.0)
   r = s // 2
-  return (_shift(jnp.cumsum(x, axis=1), -(r + 1), 1, 0.0)
-          + _shift(jax.lax.cumsum(x, axis=1, reverse=True), r + 1, 1, 0.0))
+  return (_shift(prefix_sum(x, 1), -(r + 1), 1, 0.0)
+          + _shift(prefix_sum(x, 1, reverse=True), r + 1, 1, 0.0))
 
 
 def _outside_2d(x, s):
@@ -486,10 +522,10 @@ def _outside_2d(x, s):
   only (no total-minus-window subtraction, so no cancellation)."""
   r = s // 2
   rows = jnp.sum(x, axis=2, keepdims=True)
-  out = (_shift(jnp.cumsum(rows, axis=1), -(r + 1), 1, 0.0)
-         + _shift(jax.lax.cumsum(rows, axis=1, reverse=True), r + 1, 1, 0.0))
-  beside = (_shift(jnp.cumsum(x, axis=2), -(r + 1), 2, 0.0)
-            + _shift(jax.lax.cumsum(x, axis=2, reverse=True), r + 1, 2, 0.0))
+  out = (_shift(prefix_sum(rows, 1), -(r + 1), 1, 0.0)
+         + _shift(prefix_sum(rows, 1, reverse=True), r + 1, 1, 0.0))
+  beside = (_shift(prefix_sum(x, 2), -(r + 1), 2, 0.0)
+            + _shift(prefix_sum(x, 2, reverse=True), r + 1, 2, 0.0))
   for dr in range(-r, r + 1):
     out = out + _shift(beside, dr, 1, 0.0)
   return out
@@ -695,7 +731,7 @@ def _aft_conv(q, k, v, kernel, key_mask, *, causal, grid):
   num, den = _conv_sums(kf, vf, wf, key_mask, causal=causal, grid=grid)
   # Underflow (a denominator of a query that sees a key below ~1e-19): recompute exactly.
   if causal:
-    sees_a_key = (jnp.cumsum(key_mask, axis=1) > 0)[:, :, None, None]
+    sees_a_key = (prefix_sum(key_mask, 1) > 0)[:, :, None, None]
   else:
     sees_a_key = jnp.any(key_mask, axis=1)[:, None, None, None]
   underflow = jnp.any((den < float(np.sqrt(np.finfo(dt).tiny))) & sees_a_key)
