@@ -30,7 +30,18 @@ def _tiny_vit(name, **kw):
              attention_options=REQUIRED_OPTIONS.get(name), rngs=nnx.Rngs(0), **kw)
 
 
-@pytest.mark.parametrize("name", [n for n in attention.names() if attention.get(n).supports_noncausal])
+# Families whose backbone run is slow to compile and is repeated in their own test file
+# (test_aft.py::test_in_vit / test_in_lm_causal, test_soft.py::test_vit_forward_and_backward,
+# test_adaptive_span.py / test_segment_lm.py): here only under `-m slow`.
+HEAVY = {"aft_conv", "soft", "adaptive_span"}
+
+
+def _names(supports):
+  return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n
+          for n in attention.names() if supports(attention.get(n))]
+
+
+@pytest.mark.parametrize("name", _names(lambda family: family.supports_noncausal))
 def test_every_attention_in_vit(name):
   model = _tiny_vit(name)
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
@@ -43,7 +54,7 @@ def test_every_attention_in_vit(name):
   assert float(jnp.abs(qk[...]).sum()) > 0
 
 
-@pytest.mark.parametrize("name", [n for n in attention.names() if attention.get(n).supports_causal])
+@pytest.mark.parametrize("name", _names(lambda family: family.supports_causal))
 def test_every_causal_attention_in_lm(name):
   lm = DecoderLM(width=16, depth=2, num_heads=2, max_len=12, attention=name,
                  attention_options=REQUIRED_OPTIONS.get(name), rngs=nnx.Rngs(0))

@@ -362,6 +362,7 @@ def _restore_state(workdir, step):
   return ocp.PyTreeCheckpointer().restore(str(path))
 
 
+@pytest.mark.slow  # ~1 min on 2 idle cores; the generic resume test in test_training.py is default
 def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, data_dir, tmp_path):
   # Trim lengths recomputed at steps 0, 2, 4; the resumed run starts at step 3 with the
   # ones saved in the checkpoint's metadata.
