@@ -34,7 +34,8 @@ def get_config(arg=None):
   )
 
   # Devices: a (data, fsdp, seq) mesh, -1 = the remaining devices; `sequence_parallel`
-  # splits attention along the sequence: None, "gspmd", "all_gather", "ring" or "halo" (families register the ones they have).
+  # splits attention along the sequence: None, "gspmd", "all_gather", "ring" or "halo"
+  # (each family registers the ones it has).
   config.mesh = dict(data=-1, fsdp=1, seq=1)
   config.sequence_parallel = overridable(None, str)
 

@@ -81,7 +81,8 @@ class Placement:
   """Where arrays live: the mesh, its logical rules and the sequence-parallel strategy.
 
   `config.mesh` (e.g. {"data": 2, "seq": 4}; default: all devices on `data`) and
-  `config.sequence_parallel` (None, "gspmd", "all_gather", "ring" or "halo" (families register the ones they have)). Parameters are
+  `config.sequence_parallel` (None, "gspmd", "all_gather", "ring" or "halo"; each family
+  registers the ones it has). Parameters are
   replicated, or with `mesh.fsdp > 1` sharded over `fsdp` along their largest divisible
   dimension (big_vision's fsdp rule); batches are sharded over data/fsdp, and token
   sequences also over `seq`.
