@@ -11,8 +11,8 @@ The first item of the argument string (or `model=KEY`) picks the model:
 
 | key | backbone | attention | heads | kernel | class token / position embedding |
 |---|---|---|---|---|---|
-| `full_tiny` | Ti/16 (192 x 12, mlp 768) | AFT-full, w = u v^T, d' 128 | - | - | yes / learned (DeiT) |
-| `full_small` | S/16 (384 x 12, mlp 1536) | AFT-full, w = u v^T, d' 128 | - | - | yes / learned (DeiT) |
+| `full_tiny` | Ti/16 (192 x 12, mlp 768) | AFT-full, w = u v^T, d' 128 | - | - | yes / none |
+| `full_small` | S/16 (384 x 12, mlp 1536) | AFT-full, w = u v^T, d' 128 | - | - | yes / none |
 | `conv_tiny_h32_k11` | Ti/16 | AFT-conv 2-D | 32 | 11 x 11 | no / none, GAP |
 | `conv_tiny_h192_k11` | Ti/16 | AFT-conv 2-D | 192 | 11 x 11 | no / none, GAP |
 | `conv_small_h16_k11` | S/16 | AFT-conv 2-D | 16 | 11 x 11 | no / none, GAP |
@@ -22,10 +22,20 @@ The first item of the argument string (or `model=KEY`) picks the model:
 AFT-conv drops the class token and the position embedding and pools by global average,
 as the paper's ImageNet models (`pool_type="gap"`, `posemb="none"`: its convolutional
 bias locates the tokens); K has one channel per head (`key_per_head`). AFT-full keeps
-DeiT's class token and learned position embedding; its `max_len` (197 tokens) is filled
-from the backbone. `PARAMS` holds this zoo's parameter counts; tests/test_aft.py checks them,
-and against the paper's Table 7 (one decimal, in millions) for `full_tiny` (6.3M),
-`conv_tiny_h32_k11` (5.4M) and `conv_small_h16_k11` (20.3M).
+DeiT's class token (read out by `pool_type="tok"`) but not its position embedding: the
+learned bias w = u v^T (u, v `[197, 128]` per layer; `max_len` filled from the backbone)
+already carries position. The paper does not say so in words; its parameter counts do:
+with DeiT's learned embedding AFT-full small would have 22,655,464 parameters (22.7M),
+without it 22,580,200 (Table 7: 22.6M); tiny has 6.32M or 6.28M, 6.3M either way. Set
+`--config.model.posemb=learn` for the DeiT embedding.
+
+`PARAMS` holds this zoo's parameter counts; tests/test_aft.py checks them, and against
+Table 7 ("#Params (MB)", millions to one decimal): six of the seven rows agree. The
+seventh, `conv_tiny_h192_k11`, has 5,962,792 (6.0M) against the table's 5.9M; it cannot
+agree together with `conv_tiny_h32_k11` (5,356,072, table 5.4M): the two differ only by
+the K projection (192 x 192 + 192 against 192 x 32 + 32) and 160 more 11 x 11 filters
+with their gain and bias, 606,720 parameters in all, more than the table's rounding
+allows (< 0.6M).
 
 Data: `imagenet2012` from TFDS, already prepared in `data.data_dir` (array_record; this
 config never downloads: TFDS cannot fetch ImageNet), resized to 224 x 224, evaluated on the
@@ -38,7 +48,7 @@ from zoo.config import attention_options_from_arg, key_first, overridable, parse
 
 _TINY = dict(variant="Ti/16")
 _SMALL = dict(variant="S/16")
-_FULL = dict(attention="aft_full", pool_type="tok", posemb="learn", options={})
+_FULL = dict(attention="aft_full", pool_type="tok", posemb="none", options={})
 
 
 def _conv(heads, kernel):
@@ -58,7 +68,7 @@ MODELS = {
 
 # Parameters of this zoo's models (224 px, 1000 classes).
 PARAMS = {
-    "full_tiny": 6_322_408, "full_small": 22_655_464,
+    "full_tiny": 6_284_776, "full_small": 22_580_200,
     "conv_tiny_h32_k11": 5_356_072, "conv_tiny_h192_k11": 5_962_792,
     "conv_small_h16_k11": 20_298_088, "conv_small_h384_k11": 22_541_416,
     "conv_small_h384_k15": 23_020_648,

@@ -789,12 +789,17 @@ def _abstract_params(config):
   return model, sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-# Zhai et al. 2021, Table 7 ("#Params", millions, one decimal) for the models whose entry
-# is reproduced here. The zoo's counts are exact; the tolerance 0.05M is the table's
-# rounding. AFT-full keeps DeiT's class token and learned position embedding and adds
-# u, v [197, 128] per layer; AFT-conv has no class token or position embedding, K with one
-# channel per head, and a heads x k x k filter with gain and bias per head per layer.
-PAPER_TABLE7_MILLIONS = {"full_tiny": 6.3, "conv_tiny_h32_k11": 5.4, "conv_small_h16_k11": 20.3}
+# Zhai et al. 2021, Table 7 ("#Params (MB)", millions, one decimal; DeiT tiny 5,717,416
+# and small 22,050,664 show it is rounded). The zoo's counts are exact; the tolerance 0.05M
+# is the table's rounding. AFT-full keeps DeiT's class token, drops its position embedding
+# and adds u, v [197, 128] per layer; AFT-conv has no class token or position embedding,
+# K with one channel per head, and a heads x k x k filter with gain and bias per head per
+# layer. conv_tiny_h192_k11 is 5,962,792 (6.0M) against the table's 5.9M, which no count
+# can reach while conv_tiny_h32_k11 rounds to 5.4M (configs/aft_imagenet.py).
+PAPER_TABLE7_MILLIONS = {"full_tiny": 6.3, "full_small": 22.6, "conv_tiny_h32_k11": 5.4,
+                         "conv_tiny_h192_k11": 5.9, "conv_small_h16_k11": 20.3,
+                         "conv_small_h384_k11": 22.5, "conv_small_h384_k15": 23.0}
+TABLE7_UNREACHABLE = {"conv_tiny_h192_k11"}
 
 
 @pytest.mark.parametrize("key", ["full_tiny", "conv_tiny_h32_k11", "conv_small_h16_k11",
@@ -806,8 +811,11 @@ def test_imagenet_config_parameter_counts(key):
   configs = _config_module("aft_imagenet")
   model, count = _abstract_params(configs.get_config(key))
   assert count == configs.PARAMS[key]
-  if key in PAPER_TABLE7_MILLIONS:
-    assert abs(count / 1e6 - PAPER_TABLE7_MILLIONS[key]) <= 0.05, (count, key)
+  off = abs(count / 1e6 - PAPER_TABLE7_MILLIONS[key])
+  if key in TABLE7_UNREACHABLE:
+    assert 0.05 < off < 0.07, (count, key)
+  else:
+    assert off <= 0.05, (count, key)
   block = model.Transformer.encoderblock_0
   attn = block.MultiHeadDotProductAttention_0
   if key.startswith("conv"):

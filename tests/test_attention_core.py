@@ -289,23 +289,34 @@ def test_query_without_keys_outputs_zero():
 # length.
 
 
-@pytest.mark.parametrize("length,block_size,causal,which,activation,alpha", [
-    (1, 1, True, "padding", "relu", 1.0),
-    (1, 7, False, "per_query", "sigmoid", 0.5),
-    (13, 1, False, "padding", "softplus", 0.0),
-    (13, 7, True, "per_query", "gelu", 1.0),
-    (13, 16, True, "none", "relu2", 0.5),
-    (37, 7, True, "padding", "sigmoid", 1.0),
-    (37, 16, False, "per_query", "identity", 1.0),
-    (37, 100, True, "per_query", "relu6", 0.0),
-    (64, 16, True, "padding", "softplus", 1.0),
-    (64, 100, False, "none", "relu", 1.0),
+@pytest.mark.parametrize("length,tiles,causal,which,activation,alpha", [
+    (1, (None, 1), True, "padding", "relu", 1.0),
+    (1, (None, 7), False, "per_query", "sigmoid", 0.5),
+    (13, (None, 1), False, "padding", "softplus", 0.0),
+    (13, (None, 7), True, "per_query", "gelu", 1.0),
+    (13, (None, 16), True, "none", "relu2", 0.5),
+    (37, (None, 7), True, "padding", "sigmoid", 1.0),
+    (37, (None, 16), False, "per_query", "identity", 1.0),
+    (37, (None, 100), True, "per_query", "relu6", 0.0),
+    (64, (None, 16), True, "padding", "softplus", 1.0),
+    (64, (None, 100), False, "none", "relu", 1.0),
+    # Rectangular tiles (query tile, key tile): wider, narrower, not multiples, 1 x n.
+    (37, (16, 4), True, "none", "relu", 1.0),
+    (37, (5, 8), True, "padding", "gelu", 0.5),
+    (37, (7, 3), True, "per_query", "softplus", 1.0),
+    (37, (3, 7), False, "padding", "sigmoid", 1.0),
+    (37, (1, 5), True, "none", "relu2", 1.0),
+    (37, (6, 1), True, "none", "relu6", 0.0),
+    (64, (32, 16), True, "per_query", "identity", 1.0),
 ])
-def test_blockwise_equals_dense(length, block_size, causal, which, activation, alpha):
+def test_blockwise_equals_dense(length, tiles, causal, which, activation, alpha):
+  """`tiles` is (query_block_size, block_size); None is the automatic query tile (the
+  whole length at these sizes)."""
   q, k, v, g = _qkv(b=2, lq=length, lk=length, h=2, d=8, seed=length)
   kw = dict(activation=activation, alpha=alpha, causal=causal,
             mask=_mask(which, 2, 2, length, length))
-  block = functools.partial(pointwise_attention, block_size=block_size, **kw)
+  block = functools.partial(pointwise_attention, query_block_size=tiles[0],
+                            block_size=tiles[1], **kw)
   dense = functools.partial(pointwise_attention, **kw)
   (out, grads), (dense_out, dense_grads) = _zoo_value_and_grads(
       [(block, (q, k, v, g)), (dense, (q, k, v, g))])
@@ -313,6 +324,23 @@ def test_blockwise_equals_dense(length, block_size, causal, which, activation, a
   for name, a, r in zip("qkv", grads, dense_grads):
     _close(a, r, f"d{name}")
   _close(out, _np_reference(q, k, v, kind="pointwise", **kw), "values vs reference")
+
+
+def test_automatic_query_tile():
+  """The default query tile makes one tile GEMM about AUTO_TILE_MACS multiply-adds (so that
+  XLA:CPU threads it), is a power of two, never below the key tile, never above q_len; an
+  explicit query_block_size wins."""
+  from zoo.attention import pointwise  # pylint: disable=import-outside-toplevel
+  work = pointwise.AUTO_TILE_MACS
+  for batch_heads, tk, d in [(8, 256, 64), (1, 256, 64), (64, 128, 32), (8, 512, 128)]:
+    tq, got_tk = pointwise._tile_sizes(tk, None, 1 << 20, 1 << 20, batch_heads, d)
+    assert got_tk == tk and tq >= tk and tq & (tq - 1) == 0
+    assert batch_heads * tq * tk * d >= work or tq == tk
+    assert tq == tk or batch_heads * (tq // 2) * tk * d < work
+  assert pointwise._tile_sizes(256, None, 4096, 4096, 8, 64) == (512, 256)
+  assert pointwise._tile_sizes(256, None, 100, 4096, 8, 64) == (100, 256)
+  assert pointwise._tile_sizes(256, None, 4096, 40, 8, 64)[1] == 40
+  assert pointwise._tile_sizes(256, 24, 4096, 4096, 8, 64) == (24, 256)
 
 
 def test_blockwise_cross_attention_against_reference():
@@ -326,14 +354,17 @@ def test_blockwise_cross_attention_against_reference():
       kw["kv_length"] = np.arange(1, b * lq + 1, dtype=np.float32).reshape(b, 1, lq)
     else:
       kw["mask"] = _mask(which, b, h, lq, lk)
-    cases.append((functools.partial(pointwise_attention, block_size=4, **kw), (q, k, v, g),
-                  dict(kind="pointwise", **kw), f"lq={lq} lk={lk} causal={causal} {which}"))
+    for tiles in [(None, 4), (3, 4), (4, 3)]:
+      fn = functools.partial(pointwise_attention, query_block_size=tiles[0],
+                             block_size=tiles[1], **kw)
+      cases.append((fn, (q, k, v, g), dict(kind="pointwise", **kw),
+                    f"lq={lq} lk={lk} causal={causal} {which} tiles={tiles}"))
   _check_against_reference(cases)
 
 
 def test_blockwise_under_vmap():
   q, k, v, _ = _qkv(b=2, lq=20, lk=20, seed=4)
-  fn = functools.partial(pointwise_attention, causal=True, block_size=6)
+  fn = functools.partial(pointwise_attention, causal=True, block_size=6, query_block_size=8)
   batched = jax.jit(jax.vmap(fn))(q[None], k[None], v[None])[0]
   _close(batched, _np_reference(q, k, v, kind="pointwise", causal=True))
 
@@ -425,6 +456,8 @@ def test_bad_options_raise():
       (dict(block_size=0), "block_size"),
       (dict(block_size=-3), "block_size"),
       (dict(block_size=2.5), "block_size"),
+      (dict(block_size=4, query_block_size=0), "query_block_size"),
+      (dict(query_block_size=4), "query_block_size"),
       (dict(mask=jnp.ones((2, 1, 1, 4), jnp.int32)), "mask"),
       (dict(mask=jnp.ones((2, 1, 1, 5), bool)), "mask"),
       (dict(mask=jnp.ones((1, 2, 1, 4, 4), bool)), "mask"),
@@ -443,7 +476,8 @@ def test_bad_options_raise():
 def test_bad_module_options_raise():
   rngs = nnx.Rngs(0)
   for kw, name in [(dict(activation="swish"), "activation"), (dict(alpha=-1.0), "alpha"),
-                   (dict(block_size=0), "block_size")]:
+                   (dict(block_size=0), "block_size"),
+                   (dict(block_size=4, query_block_size=-1), "query_block_size")]:
     with pytest.raises(ValueError, match=name):
       PointwiseAttention(16, 2, rngs=rngs, **kw)
   with pytest.raises(ValueError, match="num_heads"):

@@ -41,7 +41,8 @@ IMPLEMENTATIONS = (None, "pallas", "pallas_interpret")
 
 
 def check_options(activation: str, alpha: float, block_size: int | None,
-                  implementation: str | None = None) -> None:
+                  implementation: str | None = None,
+                  query_block_size: int | None = None) -> None:
   """Raises ValueError naming the bad option."""
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
@@ -49,6 +50,13 @@ def check_options(activation: str, alpha: float, block_size: int | None,
     raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
   if block_size is not None and (not isinstance(block_size, int) or block_size <= 0):
     raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+  if query_block_size is not None:
+    if not isinstance(query_block_size, int) or query_block_size <= 0:
+      raise ValueError(f"query_block_size must be a positive int or None, got "
+                       f"{query_block_size!r}")
+    if block_size is None:
+      raise ValueError("query_block_size sets the query tile of the blockwise path: "
+                       "give block_size too")
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   if implementation is not None and block_size is not None:
@@ -91,8 +99,9 @@ def _length_scale(mask, q_len, kv_len, *, causal, kv_length, alpha,
 
 
 # ---------------------------------------------------------------------------------------
-# Blockwise path: a loop over block_size x block_size tiles of the score matrix with a
-# custom VJP. Memory is O(block_size^2 + L * head_dim) per (batch, head), linear in length.
+# Blockwise path: a loop over tq x tk tiles of the score matrix (tk = block_size, tq from
+# `_tile_sizes`) with a custom VJP. Memory is O(tq * tk + L * head_dim) per (batch, head),
+# linear in length.
 #
 # Layout choices for XLA:CPU: q, k, v are tiled once to `[tiles, B, H, tile, D]` (batch and
 # heads leading, a tile a contiguous slice), so every matmul below is a batched GEMM whose
@@ -108,17 +117,37 @@ def _length_scale(mask, q_len, kv_len, *, causal, kv_length, alpha,
 # (`[.., 1, kv_len]`) are applied the same way, by zeroing the hidden keys and values (and
 # their gradients); query-only masks (`[.., q_len, 1]`) by zeroing the hidden queries and
 # their outputs. Only a mask that varies along both axes is sliced per tile. Causal runs
-# visit only tiles on or below the diagonal and mask just the diagonal tile.
+# visit only tiles on or below the diagonal and mask just the tiles that straddle it.
+# 1/sqrt(d) is folded into q (O(L d)) instead of into every score tile.
 #
 # Cost: 7 tile GEMMs per tile pair (2 forward, 5 backward: s is recomputed), against 6 for
-# a dense path that keeps its scores. Tiles of 256 were fastest on a 2-core CPU. XLA:CPU
-# (jax 0.10) runs batched GEMMs of this size on one thread, so this path uses about one
-# core where the dense path's large elementwise ops use more (benchmarks/attention.py).
+# a dense path that keeps its scores. Tile shape matters on CPU: XLA:CPU (jax 0.10) runs a
+# GEMM on one thread below roughly 2^26 multiply-adds and on all cores above, so square
+# 256 x 256 tiles of 8 heads ran on one core; rectangular tiles with a longer query side
+# (the automatic query tile) run on both (benchmarks/attention.py, README).
 
 
-def _tile_size(block_size, q_len, kv_len):
-  """Square tiles: block_size, but no larger than the longer of the two lengths."""
-  return max(1, min(block_size, max(q_len, kv_len)))
+def _tile_sizes(block_size, query_block_size, q_len, kv_len, batch_heads, head_dim):
+  """(query tile, key tile) of the blockwise path.
+
+  The key tile is `block_size` (at most kv_len). The query tile is `query_block_size` when
+  given; by default the smallest power of two, and at least the key tile, for which one
+  tile GEMM does AUTO_TILE_MACS multiply-adds (batch * heads * tq * tk * head_dim): XLA:CPU
+  runs a GEMM on all cores only from about that size. A score tile then takes about
+  4 * AUTO_TILE_MACS / head_dim bytes (4 MiB at head_dim 64), whatever the batch and heads.
+  """
+  tk = max(1, min(block_size, kv_len))
+  if query_block_size is None:
+    wanted = -(-AUTO_TILE_MACS // (batch_heads * tk * max(head_dim, 1)))
+    tq = 1 << (max(tk, wanted) - 1).bit_length()
+  else:
+    tq = query_block_size
+  return max(1, min(tq, q_len)), tk
+
+
+# 2^26 = 8 heads of 512 x 256 tiles at head_dim 64, the smallest that XLA:CPU (jax 0.10,
+# XNNPACK dots) spread over both cores of the 2-core test machine: 512 x 128 ran on one.
+AUTO_TILE_MACS = 1 << 26
 
 
 def _split_mask(mask):
@@ -149,77 +178,93 @@ def _from_tiles(x, length):
   return x.transpose(1, 0, 3, 2, 4).reshape(b, n * tile, h, d)[:, :length]
 
 
-def _tile_mask(general, causal, i, j, tile, *, transpose=False):
-  """Which pairs of tile (query tile i, key tile j) count; None when all of them do."""
+def _tile_mask(general, causal, i, j, tiles, *, transpose=False):
+  """Which pairs of (query tile i, key tile j) count, `[.., tq, tk]`; None when all do."""
+  tq, tk = tiles
   valid = None
   if causal:  # key position <= query position
-    offsets = jnp.arange(tile)
-    valid = (j * tile + offsets)[None, :] <= (i * tile + offsets)[:, None]
+    valid = (j * tk + jnp.arange(tk))[None, :] <= (i * tq + jnp.arange(tq))[:, None]
   if general is not None:
-    m = jax.lax.dynamic_slice(general, (0, 0, i * tile, j * tile),
-                              general.shape[:2] + (tile, tile))
+    m = jax.lax.dynamic_slice(general, (0, 0, i * tq, j * tk), general.shape[:2] + (tq, tk))
     valid = m if valid is None else valid & m
   if valid is not None and transpose:
     valid = jnp.swapaxes(valid, -1, -2)
   return valid
 
 
-def _blockwise_setup(q, k, v, mask, block_size):
-  q_len, kv_len = q.shape[1], k.shape[1]
-  tile = _tile_size(block_size, q_len, kv_len)
-  nq, nk = -(-q_len // tile), -(-kv_len // tile)
+def _blockwise_setup(q, k, mask, block_size, query_block_size):
+  b, q_len, heads, _ = q.shape
+  kv_len = k.shape[1]
+  tq, tk = _tile_sizes(block_size, query_block_size, q_len, kv_len, b * heads,
+                        q.shape[-1])
+  nq, nk = -(-q_len // tq), -(-kv_len // tk)
   key_keep, query_keep, general = _split_mask(mask)
   if general is not None:  # padded tiles are hidden
     general = jnp.broadcast_to(general, general.shape[:2] + (q_len, kv_len))
-    general = jnp.pad(general, ((0, 0), (0, 0), (0, nq * tile - q_len),
-                                (0, nk * tile - kv_len)))
-  return tile, nq, nk, key_keep, query_keep, general
+    general = jnp.pad(general, ((0, 0), (0, 0), (0, nq * tq - q_len), (0, nk * tk - kv_len)))
+  return (tq, tk), nq, nk, key_keep, query_keep, general
 
 
-def _key_tile_loop(body, init, num_tiles, diagonal):
-  """body(j, carry, on_diagonal) over key tiles 0..num_tiles-1, or, causal (`diagonal` not
-  None), over 0..diagonal-1 unmasked and then the diagonal tile masked."""
-  if diagonal is None:
-    return jax.lax.fori_loop(0, num_tiles, lambda j, c: body(j, c, False), init)
-  carry = jax.lax.fori_loop(0, diagonal, lambda j, c: body(j, c, False), init)
-  return body(diagonal, carry, True)
+def _causal_key_tiles(i, tiles, nk):
+  """Causal, query tile i: key tiles [0, full) are wholly visible, [full, end) partly."""
+  tq, tk = tiles
+  full = jnp.minimum((i * tq + 1) // tk, nk)
+  end = jnp.minimum(((i + 1) * tq - 1) // tk + 1, nk)
+  return full, jnp.maximum(end, full)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _blockwise(q, k, v, mask, length_scale, activation, scale, causal, block_size):
-  return _blockwise_fwd(q, k, v, mask, length_scale, activation, scale, causal, block_size)[0]
+def _causal_query_tiles(j, tiles, nq):
+  """Causal, key tile j: query tiles [start, full) see it partly, [full, nq) wholly."""
+  tq, tk = tiles
+  start = jnp.minimum((j * tk) // tq, nq)
+  full = jnp.minimum(-(-((j + 1) * tk - 1) // tq), nq)
+  return start, jnp.maximum(full, start)
 
 
-def _blockwise_fwd(q, k, v, mask, length_scale, activation, scale, causal, block_size):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _blockwise(q, k, v, mask, length_scale, activation, scale, causal, block_size,
+               query_block_size):
+  return _blockwise_fwd(q, k, v, mask, length_scale, activation, scale, causal, block_size,
+                        query_block_size)[0]
+
+
+def _blockwise_fwd(q, k, v, mask, length_scale, activation, scale, causal, block_size,
+                   query_block_size):
   h = ACTIVATIONS[activation]
   b, q_len, heads, _ = q.shape
   kv_len, dv = k.shape[1], v.shape[-1]
   acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
   if q_len == 0 or kv_len == 0:  # nothing to loop over; a query without keys outputs 0
     return jnp.zeros(q.shape[:3] + (dv,), q.dtype), (q, k, v, mask, length_scale)
-  tile, nq, nk, key_keep, query_keep, general = _blockwise_setup(q, k, v, mask, block_size)
-  qt = _to_tiles(_zero_where_hidden(q, query_keep), nq, tile)
-  kt = _to_tiles(_zero_where_hidden(k, key_keep), nk, tile)
-  vt = _to_tiles(_zero_where_hidden(v, key_keep), nk, tile)
+  tiles, nq, nk, key_keep, query_keep, general = _blockwise_setup(
+      q, k, mask, block_size, query_block_size)
+  # 1/sqrt(d) goes into q once (O(L d)) rather than into every score tile, unless that
+  # would round q to a narrower dtype.
+  prescale = q.dtype == acc_dtype
+  qt = _to_tiles(_zero_where_hidden(q * scale if prescale else q, query_keep), nq, tiles[0])
+  kt = _to_tiles(_zero_where_hidden(k, key_keep), nk, tiles[1])
+  vt = _to_tiles(_zero_where_hidden(v, key_keep), nk, tiles[1])
 
   def query_tile(_, i):
     qi = qt[i]
 
-    def key_tile(j, acc, diagonal):
+    def key_tile(j, acc, masked):
       s = jnp.einsum("bhqd,bhkd->bhqk", qi, kt[j], preferred_element_type=acc_dtype)
-      w = h(s * scale)
-      valid = _tile_mask(general, causal and diagonal, i, j, tile)
+      w = h(s if prescale else s * scale)
+      valid = _tile_mask(general, causal and masked, i, j, tiles)
       if valid is not None:
         w = jnp.where(valid, w, 0.0)
       return acc + jnp.einsum("bhqk,bhkd->bhqd", w.astype(v.dtype), vt[j],
                               preferred_element_type=acc_dtype)
 
-    acc = jnp.zeros((b, heads, tile, dv), acc_dtype)
-    # Causal: key tiles 0..i-1 are wholly visible, tile i is the diagonal (when the keys
-    # are shorter than the queries the last key tile is wholly visible and its mask all
-    # True), later ones hidden.
-    diagonal = jnp.minimum(i, nk - 1) if causal else None
-    return None, _key_tile_loop(key_tile, acc, nk, diagonal)
+    acc = jnp.zeros((b, heads, tiles[0], dv), acc_dtype)
+    if not causal:
+      return None, jax.lax.fori_loop(0, nk, lambda j, c: key_tile(j, c, False), acc)
+    # Causal: key tiles wholly at or before the tile's first query unmasked, the ones
+    # straddling the diagonal masked, later ones skipped.
+    full, end = _causal_key_tiles(i, tiles, nk)
+    acc = jax.lax.fori_loop(0, full, lambda j, c: key_tile(j, c, False), acc)
+    return None, jax.lax.fori_loop(full, end, lambda j, c: key_tile(j, c, True), acc)
 
   _, out = jax.lax.scan(query_tile, None, jnp.arange(nq))
   out = _from_tiles(out, q_len) * jnp.swapaxes(length_scale, 1, 2).astype(acc_dtype)
@@ -227,7 +272,7 @@ def _blockwise_fwd(q, k, v, mask, length_scale, activation, scale, causal, block
   return out.astype(q.dtype), (q, k, v, mask, length_scale)
 
 
-def _blockwise_bwd(activation, scale, causal, block_size, residuals, g):
+def _blockwise_bwd(activation, scale, causal, block_size, query_block_size, residuals, g):
   q, k, v, mask, length_scale = residuals
   h = ACTIVATIONS[activation]
   b, q_len, heads, d = q.shape
@@ -235,26 +280,29 @@ def _blockwise_bwd(activation, scale, causal, block_size, residuals, g):
   acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
   if q_len == 0 or kv_len == 0:
     return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None, None
-  tile, nq, nk, key_keep, query_keep, general = _blockwise_setup(q, k, v, mask, block_size)
+  tiles, nq, nk, key_keep, query_keep, general = _blockwise_setup(
+      q, k, mask, block_size, query_block_size)
+  tq, tk = tiles
   # dL/d(sum_j h(s_ij) v_j): the cotangent times L^-alpha; zero for hidden queries.
   g = g.astype(acc_dtype) * jnp.swapaxes(length_scale, 1, 2).astype(acc_dtype)
-  gt = _to_tiles(_zero_where_hidden(g, query_keep), nq, tile)
-  qt = _to_tiles(_zero_where_hidden(q, query_keep).astype(acc_dtype), nq, tile)
-  kt = _to_tiles(_zero_where_hidden(k, key_keep).astype(acc_dtype), nk, tile)
-  vt = _to_tiles(_zero_where_hidden(v, key_keep).astype(acc_dtype), nk, tile)
-  ktt = jnp.swapaxes(kt, -1, -2)  # [nk, B, H, D, tile]: left operand of dq^T = k^T ds^T
+  gt = _to_tiles(_zero_where_hidden(g, query_keep), nq, tq)
+  # Scores from the scaled queries q~ = q / sqrt(d): ds/dk = q~, and dq = ds k / sqrt(d).
+  qt = _to_tiles(_zero_where_hidden(q, query_keep).astype(acc_dtype) * scale, nq, tq)
+  kt = _to_tiles(_zero_where_hidden(k, key_keep).astype(acc_dtype), nk, tk)
+  vt = _to_tiles(_zero_where_hidden(v, key_keep).astype(acc_dtype), nk, tk)
+  ktt = jnp.swapaxes(kt, -1, -2)  # [nk, B, H, D, tk]: left operand of dq^T = k^T ds^T
 
   def key_tile(dqt, j):
     kj, vj, kjt = kt[j], vt[j], ktt[j]
 
-    def query_tile(i, carry, diagonal):
+    def query_tile(i, carry, masked):
       dk, dv, dqt = carry
       qi, gi = qt[i], gt[i]
-      st = jnp.einsum("bhkd,bhqd->bhkq", kj, qi, preferred_element_type=acc_dtype) * scale
+      st = jnp.einsum("bhkd,bhqd->bhkq", kj, qi, preferred_element_type=acc_dtype)
       dpt = jnp.einsum("bhkd,bhqd->bhkq", vj, gi, preferred_element_type=acc_dtype)
       ht, dht = jax.jvp(h, (st,), (jnp.ones_like(st),))  # h and h' in one pass
-      dst = dpt * dht * scale
-      valid = _tile_mask(general, causal and diagonal, i, j, tile, transpose=True)
+      dst = dpt * dht
+      valid = _tile_mask(general, causal and masked, i, j, tiles, transpose=True)
       if valid is not None:
         ht, dst = jnp.where(valid, ht, 0.0), jnp.where(valid, dst, 0.0)
       dv = dv + jnp.einsum("bhkq,bhqd->bhkd", ht, gi, preferred_element_type=acc_dtype)
@@ -262,23 +310,23 @@ def _blockwise_bwd(activation, scale, causal, block_size, residuals, g):
       dq_i = jnp.einsum("bhdk,bhkq->bhdq", kjt, dst, preferred_element_type=acc_dtype)
       return dk, dv, dqt.at[i].add(dq_i)
 
-    init = (jnp.zeros((b, heads, tile, d), acc_dtype),
-            jnp.zeros((b, heads, tile, dv_dim), acc_dtype), dqt)
+    carry = (jnp.zeros((b, heads, tk, d), acc_dtype),
+             jnp.zeros((b, heads, tk, dv_dim), acc_dtype), dqt)
     if causal:
-      # Query tiles after j see key tile j whole; tile j is the diagonal; earlier ones
-      # see none of it. Key tiles past the last query tile (kv_len > q_len) are seen by
-      # no query: the masked step on the last query tile then contributes zeros.
-      diagonal = jnp.minimum(j, nq - 1)
-      carry = query_tile(diagonal, init, True)
-      carry = jax.lax.fori_loop(diagonal + 1, nq, lambda i, c: query_tile(i, c, False), carry)
+      # Query tiles straddling the diagonal see key tile j in part (masked), later ones
+      # wholly, earlier ones not at all. Key tiles past the last query (kv_len > q_len)
+      # are seen by no query: both loops are then empty.
+      start, full = _causal_query_tiles(j, tiles, nq)
+      carry = jax.lax.fori_loop(start, full, lambda i, c: query_tile(i, c, True), carry)
+      carry = jax.lax.fori_loop(full, nq, lambda i, c: query_tile(i, c, False), carry)
     else:
-      carry = jax.lax.fori_loop(0, nq, lambda i, c: query_tile(i, c, False), init)
+      carry = jax.lax.fori_loop(0, nq, lambda i, c: query_tile(i, c, False), carry)
     dk, dv, dqt = carry
     return dqt, (dk, dv)
 
-  dqt0 = jnp.zeros((nq, b, heads, d, tile), acc_dtype)
+  dqt0 = jnp.zeros((nq, b, heads, d, tq), acc_dtype)
   dqt, (dk, dv) = jax.lax.scan(key_tile, dqt0, jnp.arange(nk))
-  dq = _zero_where_hidden(_from_tiles(jnp.swapaxes(dqt, -1, -2), q_len), query_keep)
+  dq = _zero_where_hidden(_from_tiles(jnp.swapaxes(dqt, -1, -2), q_len) * scale, query_keep)
   dk = _zero_where_hidden(_from_tiles(dk, kv_len), key_keep)
   dv = _zero_where_hidden(_from_tiles(dv, kv_len), key_keep)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
@@ -291,6 +339,7 @@ def pointwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                         activation: str = "relu", alpha: float = 1.0, causal: bool = False,
                         mask: jax.Array | None = None, kv_length=None,
                         block_size: int | None = None,
+                        query_block_size: int | None = None,
                         implementation: str | None = None) -> jax.Array:
   """o_i = L^-alpha * sum_j h(q_i . k_j / sqrt(d)) v_j  (Wortsman et al. 2023, Eq. 1).
 
@@ -307,6 +356,9 @@ def pointwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     block_size: None for the dense O(q_len * kv_len) path; an int for the memory-efficient
       path that loops over key blocks of that size with a custom VJP (forward and backward
       memory linear in length). Any kv_len works: the last block is padded and masked.
+    query_block_size: the query tile of that path; None picks one large enough for
+      XLA:CPU to run each tile GEMM on all cores (`_tile_sizes`). Memory is
+      O(query_block_size * block_size) per (batch, head) plus O(length * head_dim).
     implementation: None for the XLA paths above; "pallas" for the fused Pallas (Triton)
       GPU kernel (`pointwise_pallas.py`; float32/bfloat16/float16; a ValueError off the GPU,
       and for masks that vary along both the query and the key axis); "pallas_interpret"
@@ -316,7 +368,7 @@ def pointwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     `[batch, q_len, heads, head_dim]` in q's dtype; accumulation is in float32 (float64
     for float64 inputs).
   """
-  check_options(activation, alpha, block_size, implementation)
+  check_options(activation, alpha, block_size, implementation, query_block_size)
   masking.check_qkv(q, k, v)
   mask = masking.check_mask(mask, q, k)
   q_len, kv_len = q.shape[1], k.shape[1]
@@ -330,7 +382,8 @@ def pointwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         q, k, v, length_scale, activation=activation, scale=scale, causal=causal, mask=mask,
         interpret=implementation == "pallas_interpret")
   if block_size is not None:
-    return _blockwise(q, k, v, mask, length_scale, activation, scale, causal, block_size)
+    return _blockwise(q, k, v, mask, length_scale, activation, scale, causal, block_size,
+                      query_block_size)
   s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc_dtype) * scale
   w = ACTIVATIONS[activation](s)
   full_mask = masking.combine_masks(mask, q_len, kv_len, causal=causal)
@@ -345,16 +398,19 @@ class PointwiseAttention(MultiHeadDotProductAttention):
 
   def __init__(self, width: int, num_heads: int, *, causal: bool = False,
                activation: str = "relu", alpha: float = 1.0, block_size: int | None = None,
-               implementation: str | None = None, **kwargs):
-    check_options(activation, alpha, block_size, implementation)
+               query_block_size: int | None = None, implementation: str | None = None,
+               **kwargs):
+    check_options(activation, alpha, block_size, implementation, query_block_size)
     super().__init__(width, num_heads, causal=causal, **kwargs)
     self.activation, self.alpha, self.block_size = activation, float(alpha), block_size
-    self.implementation = implementation
+    self.query_block_size, self.implementation = query_block_size, implementation
 
   sequence_parallel_core = "pointwise"
 
   def core_options(self):
     options = dict(activation=self.activation, alpha=self.alpha, block_size=self.block_size)
+    if self.query_block_size is not None:
+      options["query_block_size"] = self.query_block_size
     if self.implementation is not None:  # sequence-parallel strategies refuse it (TypeError)
       options["implementation"] = self.implementation
     return options
