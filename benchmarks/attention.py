@@ -285,7 +285,7 @@ def _reexec_with_huge_pages(args):
   0.66 ns and 576 faults. Every kind, softmax included, runs under the same setting; it is
   recorded in the JSON. `--no-huge-pages` keeps the default.
   """
-  if args.no_huge_pages or sys.platform != "linux" or not platform.libc_ver()[0] == "glibc":
+  if args.no_huge_pages or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
     return
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   if "glibc.malloc.hugetlb" in tunables:

@@ -70,7 +70,7 @@ def test_strategies_equal_single_device(mesh_shape, kind, strategy, causal):
 def test_pointwise_options_and_blockwise_inside_strategies(strategy):
   mesh = parallel.make_mesh({"data": 1, "seq": 8})
   q, k, v = (_rand((1, 48, 2, 8), s) for s in range(3))
-  opts = dict(activation="gelu", alpha=0.5, block_size=5)
+  opts = dict(activation="gelu", alpha=0.5, block_size=5, query_block_size=3)
   for causal in (False, True):
     if strategy == "ring" and causal:
       q_, k_, v_ = (_rand((1, 64, 2, 8), s) for s in range(3))

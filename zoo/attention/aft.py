@@ -503,7 +503,7 @@ def _depthwise(x, taps, padding):
   1-D: a sum of s shifted slices, which XLA fuses into one pass (forward and backward).
   XLA:CPU's grouped convolution was 3.5x slower and superlinear in length (706 ms at
   8,192 tokens, 7.5 s at 65,536 for AFT-conv forward+backward, 8 x 64 channels, s = 11;
-  shifted sums: 199 ms and 1.7 s). 2-D keeps the convolution: s^2 slices compiled 2-3x
+  shifted sums: 181 ms and 1.4 s). 2-D keeps the convolution: s^2 slices compiled 2-3x
   slower for the ImageNet kernels (11 x 11, 15 x 15) and ran only 1.4x faster.
   """
   nd = taps.ndim - 1
@@ -514,10 +514,10 @@ def _depthwise(x, taps, padding):
     for j in range(1, taps.shape[1]):
       out = out + xp[:, j:j + t] * taps[:, j]
     return out
-  spec = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}[nd]
   rhs = jnp.moveaxis(taps, 0, -1)[..., None, :]  # [*window, 1, C]
   return jax.lax.conv_general_dilated(
-      x, rhs, window_strides=(1,) * nd, padding=padding, dimension_numbers=spec,
+      x, rhs, window_strides=(1, 1), padding=padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
       feature_group_count=x.shape[-1], precision=jax.lax.Precision.HIGHEST)
 
 

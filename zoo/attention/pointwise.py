@@ -127,6 +127,11 @@ def _length_scale(mask, q_len, kv_len, *, causal, kv_length, alpha,
 # (the automatic query tile) run on both (benchmarks/attention.py, README).
 
 
+# 2^26 = 8 heads of 512 x 256 tiles at head_dim 64, the smallest that XLA:CPU (jax 0.10,
+# XNNPACK dots) spread over both cores of the 2-core test machine: 512 x 128 ran on one.
+AUTO_TILE_MACS = 1 << 26
+
+
 def _tile_sizes(block_size, query_block_size, q_len, kv_len, batch_heads, head_dim):
   """(query tile, key tile) of the blockwise path.
 
@@ -143,11 +148,6 @@ def _tile_sizes(block_size, query_block_size, q_len, kv_len, batch_heads, head_d
   else:
     tq = query_block_size
   return max(1, min(tq, q_len)), tk
-
-
-# 2^26 = 8 heads of 512 x 256 tiles at head_dim 64, the smallest that XLA:CPU (jax 0.10,
-# XNNPACK dots) spread over both cores of the 2-core test machine: 512 x 128 ran on one.
-AUTO_TILE_MACS = 1 << 26
 
 
 def _split_mask(mask):

@@ -106,8 +106,8 @@ def _gspmd_scores(q, k, mesh):
 
 
 def _pointwise_gspmd(q, k, v, *, mesh, causal, layout, activation="relu", alpha=1.0,
-                     block_size=None):
-  del layout, block_size  # dense by construction: the partitioner splits the key axis
+                     block_size=None, query_block_size=None):
+  del layout, block_size, query_block_size  # dense: the partitioner splits the key axis
   length = q.shape[1]
   w = pointwise_lib.ACTIVATIONS[activation](_gspmd_scores(q, k, mesh))
   if causal:
@@ -171,13 +171,14 @@ def _ring_perm(n):
   return [(i, (i + 1) % n) for i in range(n)]
 
 
-def _pointwise_block_sums(q, kb, vb, q_chunks, k_chunks, causal, activation, block_size):
+def _pointwise_block_sums(q, kb, vb, q_chunks, k_chunks, causal, activation, block_size,
+                          query_block_size):
   """sum_j h(q_i . k_j / sqrt d) v_j over one key block (no length scaling), float32."""
   def pair(qc, kc, vc, mode):
     def run(is_diag):
       return pointwise_lib.pointwise_attention(
           qc, kc, vc, activation=activation, alpha=0.0, causal=is_diag,
-          block_size=block_size).astype(jnp.float32)
+          block_size=block_size, query_block_size=query_block_size).astype(jnp.float32)
     zeros = lambda: jnp.zeros(qc.shape[:3] + (vc.shape[-1],), jnp.float32)
     if not causal:
       return run(False)
@@ -194,7 +195,7 @@ def _pointwise_block_sums(q, kb, vb, q_chunks, k_chunks, causal, activation, blo
 
 
 def _pointwise_ring(q, k, v, *, mesh, causal, layout, activation="relu", alpha=1.0,
-                    block_size=None):
+                    block_size=None, query_block_size=None):
   n = mesh.shape["seq"]
   spec = qkv_spec(mesh)
   length = q.shape[1]
@@ -213,7 +214,8 @@ def _pointwise_ring(q, k, v, *, mesh, causal, layout, activation="relu", alpha=1
   def block_sums(q, kb, vb, src):
     shard = jax.lax.axis_index("seq")
     return _pointwise_block_sums(q, kb, vb, _chunk_ids(shard, n, causal),
-                                 _chunk_ids(src, n, causal), causal, activation, block_size)
+                                 _chunk_ids(src, n, causal), causal, activation, block_size,
+                                 query_block_size)
 
   @jax.custom_vjp
   def ring(q, k, v, scale):
