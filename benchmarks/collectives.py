@@ -27,7 +27,7 @@ import re
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp
 
-from zoo import parallel  # pylint: disable=wrong-import-position
+from zoo import attention, parallel  # pylint: disable=wrong-import-position
 
 OPS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "f64": 8, "s64": 8}
@@ -67,7 +67,7 @@ def analyse(kind, strategy, length, devices, *, causal, heads, head_dim, block_s
     opts["layout"] = "zigzag"
 
   def forward(q, k, v):
-    return parallel.sequence_parallel_attention(q, k, v, mesh=mesh, kind=kind,
+    return attention.sequence_parallel_attention(q, k, v, mesh=mesh, kind=kind,
                                                 strategy=strategy, causal=causal, **opts)
 
   def grad(q, k, v, g):

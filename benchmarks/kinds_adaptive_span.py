@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.attention import adaptive_span as span_lib
+from zoo.attention import cache_window
 
 RAMP = 32
 
@@ -114,7 +115,7 @@ def _flops(kind):
     b, h, d, m = args.batch, args.heads, args.head_dim, block_len()
     if kind == "adaptive_span_200":
       w = _window(length, _spans(h, length))
-      keys = w + span_lib.query_chunk(m, w)
+      keys = w + cache_window.query_chunk(m, w)
     else:
       w, keys = length, length + m
     pe = 6 * b * h * m * w * d if kind != "softmax_window" else 0

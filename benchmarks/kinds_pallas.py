@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 
 from zoo.attention import pointwise as _pointwise
-from zoo.attention import pointwise_pallas as _pallas
+from zoo.attention.pointwise import pallas as _pallas
 
 # jax >= 0.11 warns at every Triton-backend lowering that the backend is deprecated (it
 # still works); only that message is silenced.
@@ -30,7 +30,7 @@ def _relu_pallas(args):
 
 def _relu_pallas_64x32(args):
   def attn(q, k, v):
-    ls = _pointwise._length_scale(None, q.shape[1], k.shape[1], causal=args.causal,  # pylint: disable=protected-access
+    ls = _pointwise.length_scale(None, q.shape[1], k.shape[1], causal=args.causal,
                                   kv_length=None, alpha=1.0)
     return _pallas.pointwise_attention_pallas(q, k, v, ls, activation="relu",
                                               causal=args.causal, block_q=64, block_k=32)

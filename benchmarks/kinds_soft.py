@@ -21,10 +21,11 @@ each).
 
 FLOPs of one forward+backward step (the attention.py convention: matmul multiply-adds x 2,
 backward = 2 x forward for the token-sized matmuls), n tokens, m landmarks:
-forward 2 B H n m (2 D + Dv) for K1, K1^T V and K1 W, plus B H (2 m^2 D + 2 m^2 Dv + 4 I m^3)
+forward 2 B H n m (D + 2 Dv) for K1, K1^T V and K1 W, plus B H (2 m^2 D + 2 m^2 Dv + 4 I m^3)
 for K2, the Newton-Schulz steps (I = 20, two m x m matmuls each) and W = inv . (K1^T V);
 backward 2 x the first part, 2 x (2 m^2 D + 2 m^2 Dv) and 4 m^3 for the inverse's
-exact-inverse VJP (-V^T G V^T, two matmuls).
+exact-inverse VJP (-V^T G V^T, two matmuls). The forward part is the layer's count,
+`zoo.attention.soft.soft_flops`, without the convolutions.
 """
 
 from __future__ import annotations

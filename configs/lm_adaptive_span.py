@@ -16,18 +16,18 @@ the last two use the same window and cache with a fixed span. Optimiser: the aut
 Adagrad with per-tensor clipping and linear warmup (`optim=adamw` for AdamW).
 
 Any option of the chosen attention goes in the argument string too (`ramp=16`,
-`span_loss=1e-5`, `persistent_size=32`, `alpha=0.5`); see
-`zoo.models.transformer_seq.ATTENTIONS`.
+`span_loss=1e-5`, `persistent_size=32`, `alpha=0.5`): those of the name's layer over a
+segment cache in the registry (`zoo.attention.get(name).option_defaults(cached=True)`).
 """
 
+from zoo import attention
 from zoo.config import overridable, parse_arg
-from zoo.models import transformer_seq
 
 _ARGS = dict(attention="adaptive_span", total_steps=600, batch_size=16, block_len=64,
              max_span=512, width=128, depth=4, num_heads=4, lr=0.07, optim="adagrad",
              dtype="float32")
 
-# Per attention: options that differ from TransformerSeq's defaults here.
+# Per attention: options that differ from the cached layers' defaults here.
 _PRESETS = {
     "adaptive_span": dict(ramp=32, span_init=0.0, span_loss=2e-6),
     "persistent_memory": dict(ramp=32, span_init=0.0, span_loss=2e-6, persistent_size=64),
@@ -36,7 +36,7 @@ _PRESETS = {
 
 def attention_options(name: str, arg, used) -> dict:
   """The attention's options: defaults, this file's presets, then the argument string."""
-  options = transformer_seq.attention_option_defaults(name)
+  options = attention.get(name).option_defaults(cached=True)
   options.update({k: v for k, v in _PRESETS.get(name, {}).items() if k in options})
   extra = {k: v for k, v in arg.items() if k not in used}
   unknown = sorted(set(extra) - set(options))
@@ -77,7 +77,7 @@ def get_config(arg=None):
                             weight_decay=0.0, b1=0.9, b2=0.98, grad_clip_norm=1.0)
   else:
     raise ValueError(f"optim must be adagrad or adamw, got {arg.optim!r}")
-  config.trim_every = 50  # recompute the static trimmed windows every 50 steps (see segment.py)
+  config.trim_every = 50  # recompute the static trimmed windows every 50 steps (the segment_lm task in zoo/training/tasks.py)
 
   config.log_every = 50
   config.eval_every = 0  # eval.py runs the whole test split in order with the caches

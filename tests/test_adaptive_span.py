@@ -7,13 +7,15 @@
   gradients as central differences of the reference against `jax.grad` of the zoo core.
 * Trimming (compute follows the span) equals the untrimmed result to 1e-6.
 * Penalty, span statistics, clamping, the span mask's gradient, the cache carried across
-  blocks, and the registry entry.
+  blocks, the registry entries (the registry's cached layers are TransformerSeq's
+  attention table), TransformerSeq's trainer hooks, the FLOPs formula, and the `halo`
+  strategy on 8 simulated devices.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -21,23 +23,24 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import zoo.attention
+from zoo import parallel
 from zoo.attention import adaptive_span as span_lib
+from zoo.attention import cache_window
 from zoo.attention import persistent as pers_lib
 from zoo.attention import registry
+from zoo.attention.pointwise import ACTIVATIONS
+from zoo.models import transformer_seq as ts
 from zoo.models.transformer_seq import TransformerSeq, load_authors_state_dict
 
+from tests.helpers import fixture_path
 from tests.helpers import x64 as _x64
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TOL = 1e-10
 
 
 def _fixture(name):
-  path = FIXTURES / name
-  if not path.exists():
-    pytest.skip(f"fixture {path} is absent (the authors' reference outputs live in "
-                f"shared/fixtures next to the repository)")
-  with np.load(path) as f:
+  with np.load(fixture_path(name)) as f:
     return {k: f[k] for k in f.files}
 
 
@@ -151,15 +154,18 @@ def _fill(module, seed=0, span=None, scale=0.2):
 
 
 def _fixture_model(persistent_size, dtype=jnp.float64, **kw):
+  options = dict(ramp=4, span_init=0.5, **kw)
+  if persistent_size:
+    options["persistent_size"] = persistent_size
   return _abstract(lambda: TransformerSeq(
-      vocab_size=11, width=16, num_heads=2, depth=2, max_span=16, inner_size=32, ramp=4,
-      span_init=0.5, persistent_size=persistent_size, param_dtype=dtype, rngs=nnx.Rngs(0),
-      **kw))
+      vocab_size=11, width=16, num_heads=2, depth=2, max_span=16, inner_size=32,
+      attention="persistent_memory" if persistent_size else "adaptive_span",
+      attention_options=options, param_dtype=dtype, rngs=nnx.Rngs(0)))
 
 
 def _loaded_fixture_model(name, persistent_size):
   model = _fixture_model(persistent_size)
-  loaded = load_authors_state_dict(model, FIXTURES / name)
+  loaded = load_authors_state_dict(model, fixture_path(name))
   model.eval()
   return model, loaded
 
@@ -229,7 +235,7 @@ def test_fixture_transformer_seq(name, persistent_size):
       return
     # Trimmed (granularity 4 here, S = 16 < 64) equals untrimmed on the whole model.
     for layer in model.layers():
-      layer.attn.trim_granularity = 4
+      layer.attn.options = dataclasses.replace(layer.attn.options, trim_granularity=4)
     assert span_lib.update_trim_lengths(model) == [4, 4]  # size = 8 + 4 = 12 of S = 16
     logp_t, _ = _forward(model, jnp.asarray(f["x"]), caches)
     np.testing.assert_allclose(np.asarray(logp_t), f["logp"], rtol=0, atol=1e-6)
@@ -396,7 +402,8 @@ def test_layer_trim_is_static_under_jit():
 
 def _three_layer_model(**kw):
   return _abstract(lambda: TransformerSeq(vocab_size=7, width=16, num_heads=2, depth=3,
-                                          max_span=16, ramp=4, rngs=nnx.Rngs(0), **kw))
+                                          max_span=16, attention_options=dict(ramp=4, **kw),
+                                          rngs=nnx.Rngs(0)))
 
 
 def test_penalty_stats_and_clamp():
@@ -429,13 +436,54 @@ def test_penalty_stats_and_clamp():
 
 def test_adaptive_cache_size():
   model = _abstract(lambda: TransformerSeq(vocab_size=5, width=8, num_heads=2, depth=2,
-                                           max_span=512, ramp=32, adapt_cache=True,
+                                           max_span=512,
+                                           attention_options=dict(ramp=32, adapt_cache=True),
                                            rngs=nnx.Rngs(0)))
   _fill(model, span=0.01)
   assert model.cache_sizes() == [512, 512]  # not trimmed yet
   assert span_lib.update_trim_lengths(model) == [448, 448]  # size 6 + 32 = 38 -> W = 64
   assert model.cache_sizes() == [128, 128]  # the window + 64 (the authors' get_cache_size)
   assert [c.shape for c in model.init_caches(3)] == [(3, 128, 8)] * 2
+
+
+def test_transformer_seq_trainer_hooks():
+  """The trainer's model hooks: penalty, clamping, trimming, checkpoint state, metrics."""
+  model = _fill(_three_layer_model(span_loss=0.5), span=0.0)
+  fracs = [np.array([0.3, 0.7]), np.array([0.0, 0.05]), np.array([1.0, 0.9])]
+  for layer, f in zip(model.layers(), fracs):
+    layer.attn.span.set_value(jnp.asarray(f, jnp.float32))
+  reg = model.regularization_loss()
+  assert reg.dtype == jnp.float32 and reg.shape == ()
+  np.testing.assert_allclose(float(reg), float(span_lib.span_penalty(model)), rtol=1e-7)
+  assert model.host_metrics() == {
+      "span_avg": 11.0, "span_max": 16.0, "span_avg/layer_0": 12.0, "span_max/layer_0": 16.0,
+      "span_avg/layer_1": 5.0, "span_max/layer_1": 5.0, "span_avg/layer_2": 16.0,
+      "span_max/layer_2": 16.0}
+  assert model.eval_report() == {"spans": [[4.8, 11.2], [0.0, 0.8], [16.0, 14.4]]}
+  for layer in model.layers():
+    layer.attn.span.set_value(jnp.asarray([-0.2, 1.3], jnp.float32))
+  nnx.jit(lambda m: m.after_update())(model)
+  for layer in model.layers():
+    np.testing.assert_array_equal(np.asarray(layer.attn.span[...]), [0.0, 1.0])
+  # before_step: the static windows (and adaptive caches) follow the spans; the
+  # checkpoint state carries them.
+  big = _fill(_abstract(lambda: TransformerSeq(
+      vocab_size=5, width=8, num_heads=2, depth=2, max_span=512,
+      attention_options=dict(ramp=32, adapt_cache=True), rngs=nnx.Rngs(0))), span=0.01)
+  assert big.checkpoint_state() == {"trim_lengths": [0, 0]}
+  big.before_step()
+  assert big.checkpoint_state() == {"trim_lengths": [448, 448]}
+  assert big.cache_sizes() == [128, 128]
+  big.restore_checkpoint_state({"trim_lengths": [384, 0]})
+  assert big.cache_sizes() == [192, 512]
+  big.restore_checkpoint_state({})  # nothing saved: unchanged
+  assert big.checkpoint_state() == {"trim_lengths": [384, 0]}
+  # Without learned spans the hooks add nothing.
+  soft = _abstract(lambda: TransformerSeq(vocab_size=7, width=16, num_heads=2, depth=2,
+                                          max_span=16, attention="softmax", rngs=nnx.Rngs(0)))
+  assert float(soft.regularization_loss()) == 0.0
+  assert soft.host_metrics() == {} and soft.eval_report() == {}
+  assert soft.checkpoint_state() == {"trim_lengths": []}
 
 
 # ----------------------------------------------------------------------------------------
@@ -483,6 +531,35 @@ def test_registry_layer_is_causal(name):
     registry.validate(name, {}, causal=False)
   with pytest.raises(ValueError, match="mask"):
     layer(x, mask=jnp.ones((12, 12), bool))
+
+
+def test_registry_is_the_transformer_seq_attention_table():
+  """TransformerSeq's names are the registry's cached names; presets apply to the cached
+  layer; options that do not apply over the cache (or that the model sets) are refused."""
+  assert set(registry.names(cached=True)) == {"adaptive_span", "persistent_memory",
+                                              "softmax", "pointwise", *ACTIVATIONS}
+  assert registry.get("softmax").cached_layer is cache_window.SoftmaxCacheAttention
+  assert registry.get("relu").cached_layer is cache_window.PointwiseCacheAttention
+  assert registry.get("adaptive_span").cached_layer is span_lib.AdaptiveSpanAttention
+  assert registry.get("persistent_memory").cached_layer is pers_lib.PersistentMemoryAttention
+  assert registry.get("relu2").options(cached=True).activation == "relu2"
+  assert registry.get("relu2").option_defaults(cached=True) == {
+      "activation": "relu2", "alpha": 1.0, "use_bias": False, "qk_layernorm": False,
+      "output_gate": False, "gate_activation": "swish"}
+  for name in registry.names(cached=True):  # the model sets these from its own keys
+    assert not {"max_span", "attn_dropout", "shared_key_pe"} & set(
+        registry.get(name).option_defaults(cached=True))
+  for name, bad in [("softmax", {"implementation": "xla"}), ("softmax", {"ramp": 4}),
+                    ("relu", {"block_size": 64}), ("adaptive_span", {"persistent_size": 4})]:
+    with pytest.raises(ValueError, match=rf"unknown option\(s\) \['{list(bad)[0]}'\]"):
+      registry.get(name).options(bad, cached=True)
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['max_span'\] for attention "
+                                       r"'softmax' in transformer_seq"):
+    ts.attention_options_for("softmax", {"max_span": 8}, max_span=16)
+  for name in registry.names(cached=False):
+    with pytest.raises(ValueError, match="does not run over a segment cache"):
+      registry.get(name).options(cached=True)
+  assert cache_window.SoftmaxCacheAttention.cached and not registry.get("softmax").layer.cached
 
 
 def test_bad_inputs_raise():
@@ -561,6 +638,31 @@ def test_trimmed_layer_computes_only_the_window():
   assert sum(f for _, f in full) > 5 * got
 
 
+def test_flops_formula_counts_the_trimmed_window():
+  """`layer.flops(M)`: projections (k, v over the W + M rows of the window and block, q and
+  out over M) plus the core formula 2 H M W 3 D (q.k, q.key_pe, w.v over the trimmed
+  window; persistent slots add 2 H M N 2 D). The forward's matmuls add exactly the chunk's
+  extra 64 keys per query of the banded q.k and w.v."""
+  s, m, width, heads = 1024, 256, 32, 2
+  d, w = width // heads, 128
+  layer = _fill(_abstract(lambda: span_lib.AdaptiveSpanAttention(
+      width, heads, max_span=s, ramp=32, rngs=nnx.Rngs(0))), span=[0.05, 0.03])
+  assert span_lib.update_trim_lengths(layer) == [s - w]
+  assert layer.core_flops(m) == 2 * heads * m * w * 3 * d
+  assert layer.projection_flops(m) == 2 * (w + m) * width * width * 2 + 2 * m * width ** 2 * 2
+  graphdef, state = nnx.split(layer)
+  forward = lambda state, x, cache: nnx.merge(graphdef, state)(x, cache=cache)
+  got = sum(f for _, f in _dots(forward, state, jax.ShapeDtypeStruct((1, m, width), jnp.float32),
+                               jax.ShapeDtypeStruct((1, s, width), jnp.float32)))
+  assert got == layer.flops(m) + 2 * heads * m * 64 * d * 2
+  pers = _abstract(lambda: pers_lib.PersistentMemoryAttention(
+      width, heads, max_span=s, persistent_size=8, rngs=nnx.Rngs(0)))
+  assert pers.core_flops(m) == 2 * heads * m * (s * 3 * d + 8 * 2 * d)  # untrimmed: W = S
+  soft = _abstract(lambda: cache_window.SoftmaxCacheAttention(width, heads, max_span=64,
+                                                              rngs=nnx.Rngs(0)))
+  assert soft.core_flops(m) == 2 * heads * m * 64 * 3 * d
+
+
 def test_query_chunks_equal_the_whole_block():
   """The banded (chunked) computation equals one block in values and gradients (float64),
   with and without persistent memory, for chunks that do not divide M (padded queries)."""
@@ -587,12 +689,22 @@ def test_query_chunks_equal_the_whole_block():
       np.testing.assert_allclose(np.asarray(g[name]), np.asarray(g_base[name]), rtol=0,
                                  atol=1e-12, err_msg=f"{name} persistent={persistent}")
   assert np.abs(np.asarray(grads[(7, False)][1]["k"])).max() > 1e-3
-  assert span_lib.query_chunk(512, 256) == 64 and span_lib.query_chunk(512, 8192) == 512
-  assert span_lib.query_chunk(40, 8) == 40
+  assert cache_window.query_chunk(512, 256) == 64
+  assert cache_window.query_chunk(512, 8192) == 512
+  assert cache_window.query_chunk(40, 8) == 40
 
 
 # ----------------------------------------------------------------------------------------
 # Sequence parallelism: the halo strategy on 8 simulated devices.
+
+
+def _reference(kind, q, k, v, *, key_pe, k_cache=None, v_cache=None, **options):
+  """The single-device equivalent of the halo strategy: the core on cat(cache, block)."""
+  if k_cache is not None:
+    k, v = jnp.concatenate([k_cache, k], axis=1), jnp.concatenate([v_cache, v], axis=1)
+  if kind == "persistent_memory":
+    return pers_lib.persistent_seq_attention(q, k, v, key_pe, **options)
+  return span_lib.seq_attention(q, k, v, key_pe, **options)
 
 
 def _halo_inputs(rng, b, length, s, n, cache):
@@ -612,10 +724,8 @@ def _halo_inputs(rng, b, length, s, n, cache):
                  marks=pytest.mark.slow),                 # zero cache; persistent memory
 ])
 def test_halo_equals_single_device(mesh_shape, length, s, trim, cache, n):
-  from zoo import parallel
-  from zoo.parallel import sequence, sequence_adaptive_span
   kind = "persistent_memory" if n else "adaptive_span"
-  assert sequence.strategies(kind) == ("halo",)
+  assert registry.strategies(kind) == ("halo",)
   mesh = parallel.make_mesh(mesh_shape)
   rng = np.random.default_rng(length + n)
   with _x64():
@@ -626,12 +736,11 @@ def test_halo_equals_single_device(mesh_shape, length, s, trim, cache, n):
       p = dict(p)
       q, k, v = p.pop("q"), p.pop("k"), p.pop("v")
       if split:
-        out = parallel.sequence_parallel_attention(
+        out = zoo.attention.sequence_parallel_attention(
             q, k, v, mesh=mesh, kind=kind, strategy="halo", causal=True, ramp=2.0,
             trim_len=trim, **p)
       else:
-        out = sequence_adaptive_span._reference(q, k, v, ramp=2.0, trim_len=trim,
-                                                persistent=bool(n), **p)
+        out = _reference(kind, q, k, v, ramp=2.0, trim_len=trim, **p)
       return jnp.sum(out * cot)
 
     run = jax.jit(jax.value_and_grad(loss), static_argnums=1)
@@ -645,33 +754,41 @@ def test_halo_equals_single_device(mesh_shape, length, s, trim, cache, n):
     assert np.abs(np.asarray(g["k_cache"])[:, -(s - trim):]).max() > 1e-6
 
 
-@pytest.mark.parametrize("persistent", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_layer_routes_to_halo_under_a_sharding_context(persistent):
-  """The layer (persistent or not) inside `sharding_context(strategy="halo")` with a cache
-  equals the unsplit layer, values and gradients; other strategies are refused."""
-  from zoo import parallel
+@pytest.mark.parametrize("name", ["persistent_memory", "relu",
+                                  pytest.param("adaptive_span", marks=pytest.mark.slow),
+                                  pytest.param("softmax", marks=pytest.mark.slow)])
+def test_layer_routes_to_halo_with_a_halo_sharding(name):
+  """The cached layer of `name` (a span layer, persistent or not, or softmax / pointwise
+  over the cache) built with `Sharding(mesh, strategy="halo")` with a cache equals the
+  unsplit layer, values and gradients; other strategies are refused."""
   mesh = parallel.make_mesh({"data": 2, "seq": 4})
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((2, 16, 16)), jnp.float32)
   cache = jnp.asarray(rng.standard_normal((2, 24, 16)), jnp.float32)
-  cls = pers_lib.PersistentMemoryAttention if persistent else span_lib.AdaptiveSpanAttention
-  kw = dict(persistent_size=3) if persistent else {}
-  layer = _fill(_abstract(lambda: cls(16, 2, max_span=24, ramp=4, trim_granularity=4,
-                                      rngs=nnx.Rngs(0), **kw)), span=[0.2, 0.4])
-  assert span_lib.update_trim_lengths(layer) == [8]  # size 10 + 4 = 14 -> W = 16 > 4
+  family = registry.get(name)
+  spans = isinstance(family.cached_layer, type) and issubclass(
+      family.cached_layer, span_lib.AdaptiveSpanAttention)
+  kw = dict(ramp=4, trim_granularity=4) if spans else dict(alpha=0.5) if name == "relu" else {}
+  if name == "persistent_memory":
+    kw["persistent_size"] = 3
+  options = family.options(dict(max_span=24, **kw), cached=True).as_dict()
+  layer = _fill(_abstract(lambda: family.cached_layer(16, 2, rngs=nnx.Rngs(0), **options)),
+                span=[0.2, 0.4])
+  if spans:
+    assert span_lib.update_trim_lengths(layer) == [8]  # size 10 + 4 = 14 -> W = 16 > 4
 
   def loss(mod):
     return jnp.sum(mod(x, cache=cache) * x)
 
   want, g_want = nnx.jit(lambda mod: nnx.value_and_grad(loss)(mod))(layer)
-  with parallel.sharding_context(mesh, strategy="halo"):
-    got, g_got = nnx.jit(lambda mod: nnx.value_and_grad(loss)(mod))(layer)
+  zoo.attention.use_sharding(layer, parallel.Sharding(mesh, strategy="halo"))
+  got, g_got = nnx.jit(lambda mod: nnx.value_and_grad(loss)(mod))(layer)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   flat_got, flat_want = nnx.to_flat_state(g_got), nnx.to_flat_state(g_want)
-  assert len(flat_got) == len(flat_want) >= 6
+  assert len(flat_got) == len(flat_want) >= (6 if spans else 5)
   for (path, a), (_, b) in zip(flat_got, flat_want):
     np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()),
                                rtol=1e-4, atol=1e-5, err_msg=str(path))
-  with parallel.sharding_context(mesh, strategy="ring"):
-    with pytest.raises(ValueError, match="halo"):
-      layer(x, cache=cache)
+  zoo.attention.use_sharding(layer, parallel.Sharding(mesh, strategy="ring"))
+  with pytest.raises(ValueError, match="halo"):
+    layer(x, cache=cache)

@@ -36,21 +36,19 @@ from flax import nnx
 
 from zoo import parallel
 from zoo.attention import aft
+from zoo.attention import logspace
 from zoo.attention import registry
+from zoo.attention import sequence_parallel_attention, use_sharding
 from zoo.models import DecoderLM, ViT
-from zoo.parallel import sequence
 
+from tests.helpers import fixture_path
 from tests.helpers import x64 as _x64
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 RTOL, ATOL = 1e-5, 1e-5
 
 
 def _fixture(name):
-  path = FIXTURES / name
-  if not path.exists():
-    pytest.skip(f"fixture {path} is absent (the shared fixtures directory is not mounted)")
-  return np.load(path)
+  return np.load(fixture_path(name))
 
 
 def _close(actual, desired, what="", tol=ATOL, rtol=RTOL):
@@ -446,17 +444,17 @@ def test_fast_and_exact_paths():
   fast paths' underflow at x100 (so the x100 tests do run the exact fallbacks)."""
   km = _key_mask(2, 9)
   sees = np.asarray(km).any(1)[:, None, None]  # the last row has no key at all
-  fast_full = jax.jit(aft._full_matmul, static_argnames=("causal", "block_size"))
+  fast_full = jax.jit(aft.full_local.full_matmul, static_argnames=("causal", "block_size"))
   q, k, v, w, _ = _inputs("full", 9)
   want = _loop_full(q, k, v, w, causal=True, key_mask=np.asarray(km))
   for bs in (1, 4):  # the running max per query, and three blocks of queries
     num, den = fast_full(q, k, v, w, km, causal=True, block_size=bs)
     assert np.all((np.asarray(den) > _tiny()) | ~sees)
-    _close(jax.nn.sigmoid(q) * aft._safe_ratio(num, den), want, f"fast, block_size {bs}")
+    _close(jax.nn.sigmoid(q) * logspace.safe_ratio(num, den), want, f"fast, block_size {bs}")
   _close(aft.aft_full(q, k, v, w, causal=True, key_mask=km, block_size=4), want, "public")
-  exact = jax.jit(aft._full_exact, static_argnames=("causal", "max_block_elements"))
+  exact = jax.jit(aft.full_local.full_exact, static_argnames=("causal", "max_block_elements"))
   num, den = exact(q, k, v, w, key_mask=km, causal=True, max_block_elements=200)  # 3 blocks
-  _close(jax.nn.sigmoid(q) * aft._safe_ratio(num, den), want, "exact path")
+  _close(jax.nn.sigmoid(q) * logspace.safe_ratio(num, den), want, "exact path")
   q6 = q[:, :6]  # 6 queries, 9 keys; causal aligned at the start
   _close(aft.aft_full(q6, k, v, w[:6], causal=True), _loop_full(q6, k, v, w[:6], causal=True),
          "full 6 x 9")
@@ -464,7 +462,7 @@ def test_fast_and_exact_paths():
   _, den = fast_full(q, k, v, w, km, causal=True, block_size=None)
   assert np.any((np.asarray(den) < _tiny()) & sees), "x100 should need the exact path"
 
-  fast_conv = jax.jit(aft._conv_sums, static_argnames=("causal", "grid"))
+  fast_conv = jax.jit(aft.conv.conv_sums, static_argnames=("causal", "grid"))
   for variant, causal in (("conv1d", True), ("conv2d", False)):
     grid = GRIDS[9] if variant == "conv2d" else None
     for scale in (1.0, 100.0):
@@ -474,7 +472,7 @@ def test_fast_and_exact_paths():
       den = np.asarray(den).reshape(2, 9, HEADS)
       if scale == 1:
         assert np.all((den > _tiny()) | ~sees)
-        y = jax.nn.sigmoid(q) * aft._safe_ratio(num, den[..., None]).reshape(2, 9, 4)
+        y = jax.nn.sigmoid(q) * logspace.safe_ratio(num, den[..., None]).reshape(2, 9, 4)
         _close(y, _loop_conv_shifted(q, k, v, w, causal=causal, grid=grid,
                                      key_mask=np.asarray(km)), f"fast {variant}")
       else:
@@ -620,7 +618,8 @@ def test_bad_calls():
                   conv_dims=2)
   q, k, v, w, _ = _inputs("full", 4)
   with pytest.raises(ValueError, match="grid"):  # e.g. a ViT with a class token
-    aft.AFTConv(4, 2, rngs=nnx.Rngs(0)).attend(q, k[..., :2], v, grid=None)
+    aft.AFTConv(4, 2, rngs=nnx.Rngs(0)).attend(q, k[..., :2], v, mask=None, grid=None,
+                                               sharding=None)
   with pytest.raises(ValueError, match="pos_bias"):
     aft.aft_full(q, k, v, w[:3])
   with pytest.raises(ValueError, match="window"):
@@ -632,7 +631,7 @@ def test_bad_calls():
 
 
 # ----------------------------------------------------------------------------------------
-# (g) Sequence parallel (`zoo.parallel.sequence_aft`) on 8 simulated devices, mesh
+# (g) Sequence parallel (`zoo.attention.aft.parallel`) on 8 simulated devices, mesh
 # data 2 x seq 4: values and gradients (q, k, v and the bias or kernel) equal the
 # Eq. 2 reference on a [B, T, T, d] tensor (float32, eager). Length 32, so each
 # shard holds 8 tokens: the halo bands (local window 2, conv 3 taps, 2-D 3x3 over an 8 x 4
@@ -647,9 +646,14 @@ _SP_DEFAULT = {("simple", "halo", False), ("simple", "ring", True), ("full", "ri
                ("local", "halo", False), ("conv1d", "halo", True)}
 
 
+def _strategies(name):
+  """The registered attention's sequence-parallel strategies, in `parallel.STRATEGIES` order."""
+  return [s for s in parallel.STRATEGIES if s in registry.get(name).layer.core.strategies]
+
+
 def _sp_cases():
   for variant, causal in _configs():
-    for strategy in sequence.strategies(_SP_CORES[variant]):
+    for strategy in _strategies(_SP_CORES[variant]):
       marks = () if (variant, strategy, causal) in _SP_DEFAULT else _SLOW
       yield pytest.param(variant, strategy, causal, marks=marks,
                          id=f"{variant}-{strategy}-{'causal' if causal else 'bidir'}")
@@ -676,7 +680,7 @@ def test_sequence_parallel_equals_single_device(variant, strategy, causal):
   @jax.jit
   def split(q, k, v, w, g):
     def f(q, k, v, w):
-      return parallel.sequence_parallel_attention(
+      return sequence_parallel_attention(
           q, k, v, mesh=mesh, kind=_SP_CORES[variant], strategy=strategy, causal=causal,
           **_sp_options(variant, w))
     y, vjp = jax.vjp(f, q, k, v, w)
@@ -695,17 +699,17 @@ def test_sequence_parallel_bad_calls():
   mesh = parallel.make_mesh({"data": 2, "seq": 4})
   q, k, v, w, _ = _inputs("local", SP_LEN)
   with pytest.raises(ValueError, match="halo strategy needs"):  # 8 > 8 tokens per shard
-    parallel.sequence_parallel_attention(q, k, v, mesh=mesh, kind="aft_local",
-                                         strategy="halo", pos_bias=w, window=10)
+    sequence_parallel_attention(q, k, v, mesh=mesh, kind="aft_local", strategy="halo",
+                                pos_bias=w, window=10)
   with pytest.raises(ValueError, match="natural"):
-    parallel.sequence_parallel_attention(q, k, v, mesh=mesh, kind="aft_simple",
-                                         strategy="ring", causal=True, layout="zigzag")
+    sequence_parallel_attention(q, k, v, mesh=mesh, kind="aft_simple", strategy="ring",
+                                causal=True, layout="zigzag")
   with pytest.raises(ValueError, match="no sequence-parallel 'halo'"):
-    parallel.sequence_parallel_attention(q, k, v, mesh=mesh, kind="aft_full",
-                                         strategy="halo", pos_bias=w)
+    sequence_parallel_attention(q, k, v, mesh=mesh, kind="aft_full", strategy="halo",
+                                pos_bias=w)
   with pytest.raises(ValueError, match="takes no mask"):
-    with parallel.sharding_context(mesh, strategy="halo"):
-      aft.AFTSimple(4, 2, rngs=nnx.Rngs(0))(q, mask=jnp.ones((2, 1, 1, SP_LEN), bool))
+    aft.AFTSimple(4, 2, sharding=parallel.Sharding(mesh, strategy="halo"),
+                  rngs=nnx.Rngs(0))(q, mask=jnp.ones((2, 1, 1, SP_LEN), bool))
 
 
 def _sp_model(which, name):
@@ -721,14 +725,15 @@ def _sp_model(which, name):
   return model, jax.random.normal(jax.random.key(0), (2, 16, 8, 1)), ("data",)
 
 
-def _spy_on_run(monkeypatch):
-  calls, run = [], sequence.run
-
-  def spy(core, *args, **kwargs):
-    calls.append((core, kwargs["strategy"]))
-    return run(core, *args, **kwargs)
-
-  monkeypatch.setattr(sequence, "run", spy)
+def _spy_on_strategies(monkeypatch, name):
+  """Records (core name, strategy) whenever one of the family's sequence-parallel
+  strategies runs (`zoo.attention.dispatch` looks them up at call time)."""
+  calls, core = [], registry.get(name).layer.core
+  for strategy, fn in dict(core.strategies).items():
+    def spy(*args, _fn=fn, _strategy=strategy, **kwargs):
+      calls.append((core.name, _strategy))
+      return _fn(*args, **kwargs)
+    monkeypatch.setitem(core.strategies, strategy, spy)
   return calls
 
 
@@ -737,15 +742,15 @@ def _spy_on_run(monkeypatch):
     ("lm", "aft_full", "ring"), ("lm", "aft_local", "halo"), ("lm", "aft_conv", "halo"),
     ("lm", "aft_simple", "all_gather"), ("vit", "aft_conv", "halo"), ("vit", "aft_full", "gspmd")])
 def test_modules_route_to_sequence_parallel(which, name, strategy, monkeypatch):
-  """Inside a sharding context with a strategy, every AFT layer of the backbones calls the
-  family's sequence-parallel core with its options (traced abstractly: no compile)."""
+  """Built with a `Sharding` whose strategy is set, every AFT layer of the backbones calls
+  the family's sequence-parallel core with its options (traced abstractly: no compile)."""
   mesh = parallel.make_mesh({"data": 2, "seq": 4})
   model, inputs, _ = _sp_model(which, name)
-  calls = _spy_on_run(monkeypatch)
+  calls = _spy_on_strategies(monkeypatch, name)
   jax.eval_shape(lambda x: model(x), inputs)
   assert not calls
-  with parallel.sharding_context(mesh, strategy=strategy):
-    logits, _ = jax.eval_shape(lambda x: model(x), inputs)
+  use_sharding(model, parallel.Sharding(mesh, strategy=strategy))
+  logits, _ = jax.eval_shape(lambda x: model(x), inputs)
   assert calls == [(name, strategy)] and logits.shape[0] == 2
 
 
@@ -759,11 +764,11 @@ def test_sharded_backbone_equals_unsharded(which, name, strategy, monkeypatch):
   unsplit model's."""
   mesh = parallel.make_mesh({"data": 2, "seq": 4})
   model, inputs, spec = _sp_model(which, name)
-  calls = _spy_on_run(monkeypatch)
+  calls = _spy_on_strategies(monkeypatch, name)
   out0, grads0 = _loss_and_grads(model, inputs)
   sharded = jax.device_put(inputs, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
-  with parallel.sharding_context(mesh, strategy=strategy):
-    out1, grads1 = nnx.jit(_loss_and_grads_fn)(model, sharded)
+  use_sharding(model, parallel.Sharding(mesh, strategy=strategy))
+  out1, grads1 = nnx.jit(_loss_and_grads_fn)(model, sharded)
   assert calls == [(name, strategy)]
   _assert_sp_close(out1, out0, "outputs")
   for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(grads1)),
@@ -881,3 +886,37 @@ def test_prefix_sum_ints_and_no_long_reduce_window():
   windows = [max(int(d) for d in w.split(","))
              for w in re.findall(r"window_dimensions = array<i64: ([\d, ]+)>", hlo)]
   assert windows and max(windows) <= 16, windows
+
+
+# ----------------------------------------------------------------------------------------
+# FLOPs: 2 per multiply-add of the key sums (numerator and denominator), elementwise work
+# not counted; the layers add their projections (and AFT-full's u v^T).
+
+
+def test_flops_formulas():
+  length, dim = 256, 128
+  x = jnp.ones((1, length, dim))
+  fast = functools.partial(aft.full_local.full_matmul, causal=False, block_size=None)
+  cost = jax.jit(fast).lower(x, x, x, jnp.zeros((length, length)),
+                             jnp.ones((1, length), bool)).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  full = aft.FULL_CORE.flops(q_len=length, kv_len=length, heads=1, head_dim=dim, causal=False)
+  assert full == 2 * 2 * length * length * dim
+  assert full == pytest.approx(cost["flops"], rel=0.05)  # XLA adds the elementwise work
+  t, width, heads = 16, 32, 4
+  proj = 2 * t * 4 * width * width  # q, k, v, out
+  for causal, pairs in ((False, t * t), (True, t * (t + 1) // 2)):
+    for layer in (aft.AFTFull(width, heads, max_len=t, causal=causal, rngs=nnx.Rngs(0)),
+                  aft.AFTLocal(width, heads, max_len=t, window=3, causal=causal,
+                               rngs=nnx.Rngs(0))):
+      assert layer.flops(t) == proj + 2 * t * t * 128 + 2 * 2 * pairs * width
+    assert aft.AFTFull(width, heads, max_len=t, bias_rank=None, causal=causal,
+                       rngs=nnx.Rngs(0)).flops(t) == proj + 2 * 2 * pairs * width
+    assert aft.AFTSimple(width, heads, causal=causal,
+                         rngs=nnx.Rngs(0)).flops(t) == proj + 2 * 2 * t * width
+  # AFT-conv: K of one channel per head, s taps (1-D) or s^2 (2-D) plus the keys outside.
+  conv = aft.AFTConv(width, heads, kernel_size=3, conv_dims=1, causal=True, rngs=nnx.Rngs(0))
+  k_proj = 2 * t * width * heads
+  assert conv.flops(t) == 2 * t * 3 * width * width + k_proj + 2 * t * 4 * (width + heads)
+  conv = aft.AFTConv(width, heads, kernel_size=3, key_per_head=False, rngs=nnx.Rngs(0))
+  assert conv.core_flops(t, (4, 4)) == 2 * t * 10 * (width + width)

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from zoo.attention import pointwise
 from zoo.attention.pointwise import ACTIVATIONS, PointwiseAttention, pointwise_attention
 from zoo.attention.softmax import softmax_attention
 
@@ -330,17 +331,16 @@ def test_automatic_query_tile():
   """The default query tile makes one tile GEMM about AUTO_TILE_MACS multiply-adds (so that
   XLA:CPU threads it), is a power of two, never below the key tile, never above q_len; an
   explicit query_block_size wins."""
-  from zoo.attention import pointwise  # pylint: disable=import-outside-toplevel
   work = pointwise.AUTO_TILE_MACS
   for batch_heads, tk, d in [(8, 256, 64), (1, 256, 64), (64, 128, 32), (8, 512, 128)]:
-    tq, got_tk = pointwise._tile_sizes(tk, None, 1 << 20, 1 << 20, batch_heads, d)
+    tq, got_tk = pointwise.tile_sizes(tk, None, 1 << 20, 1 << 20, batch_heads, d)
     assert got_tk == tk and tq >= tk and tq & (tq - 1) == 0
     assert batch_heads * tq * tk * d >= work or tq == tk
     assert tq == tk or batch_heads * (tq // 2) * tk * d < work
-  assert pointwise._tile_sizes(256, None, 4096, 4096, 8, 64) == (512, 256)
-  assert pointwise._tile_sizes(256, None, 100, 4096, 8, 64) == (100, 256)
-  assert pointwise._tile_sizes(256, None, 4096, 40, 8, 64)[1] == 40
-  assert pointwise._tile_sizes(256, 24, 4096, 4096, 8, 64) == (24, 256)
+  assert pointwise.tile_sizes(256, None, 4096, 4096, 8, 64) == (512, 256)
+  assert pointwise.tile_sizes(256, None, 100, 4096, 8, 64) == (100, 256)
+  assert pointwise.tile_sizes(256, None, 4096, 40, 8, 64)[1] == 40
+  assert pointwise.tile_sizes(256, 24, 4096, 4096, 8, 64) == (24, 256)
 
 
 def test_blockwise_cross_attention_against_reference():

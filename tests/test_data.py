@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from zoo import data
 from zoo.data import byte_text
 from zoo.data import digits
-from zoo.data import pipeline
+from zoo.data import sampling
 
 tfds.display_progress_bar(False)
 
@@ -135,8 +135,8 @@ def test_digits_train_deterministic_per_seed(digits_config):
 
 def test_train_epochs_are_permutations_reshuffled():
   n, bs = 10, 4
-  ds = pipeline._train_batches(n, bs, seed=3, index=0, count=1,
-                               make_batch=lambda ids, epochs: (ids, epochs))
+  ds = sampling.train_batches(n, bs, seed=3, index=0, count=1,
+                              make_batch=lambda ids, epochs: (ids, epochs))
   ids = np.concatenate([ds[i][0] for i in range(10)])  # 40 rows: 4 epochs.
   epochs = np.concatenate([ds[i][1] for i in range(10)])
   np.testing.assert_array_equal(epochs, np.repeat(np.arange(4), n))
@@ -177,8 +177,8 @@ def test_digits_sharding_two_processes(digits_config, monkeypatch):
 
   # Each process takes its rows of the same global batch: together they equal
   # the single-process batch, so loss curves do not depend on the process count.
-  single = pipeline._train_batches(1437, 16, 0, 0, 1, lambda i, e: i)
-  shards = [pipeline._train_batches(1437, 8, 0, index, 2, lambda i, e: i)
+  single = sampling.train_batches(1437, 16, 0, 0, 1, lambda i, e: i)
+  shards = [sampling.train_batches(1437, 8, 0, index, 2, lambda i, e: i)
             for index in range(2)]
   for b in (0, 1, 89, 90):  # 90 * 16 = 1440 > 1437: batch 89 crosses an epoch
     np.testing.assert_array_equal(np.concatenate([s[b] for s in shards]), single[b])

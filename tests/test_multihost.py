@@ -2,19 +2,20 @@
 
 Runs `train.py` / `eval.py` as a new user would: one process with 8 CPU devices, then two
 processes with 4 devices each on the same (data 2, seq 4) mesh; the loss curves must agree,
-and checkpoints written on 8 devices or 2 processes must restore on 1 device.
+and checkpoints written on 8 devices or 2 processes must restore on 1 device. A few-step
+version of the comparison runs in the default suite; the longer runs are marked `slow`.
 """
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.slow  # several minutes of subprocesses; run with `pytest -m slow`
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,6 +37,44 @@ def _losses(workdir) -> list[float]:
   return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
+def _train_one_process(flags, workdir, devices=8) -> subprocess.CompletedProcess:
+  """`train.py` in one process with `devices` CPU devices; asserts it exits with 0."""
+  proc = subprocess.run([sys.executable, "train.py", *flags, f"--workdir={workdir}"],
+                        cwd=REPO, env=_env(devices), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _train_two_processes(flags, workdir, timeout=600) -> list[str]:
+  """`train.py` as two local processes (4 CPU devices each, gloo collectives) on one
+  workdir; asserts both exit with 0 and returns their stdouts."""
+  port = _free_port()
+  logs = [f"{workdir}.process{i}" for i in range(2)]
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
+      procs.append(subprocess.Popen(
+          [sys.executable, "train.py", *flags, f"--workdir={workdir}",
+           f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+          cwd=REPO, env=_env(4), stdout=out, stderr=err))
+  deadline = time.monotonic() + timeout
+  try:
+    # A process that fails leaves the other waiting at its next collective: stop both then.
+    while (any(p.poll() is None for p in procs) and time.monotonic() < deadline
+           and not any(p.returncode for p in procs)):
+      time.sleep(0.1)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  failed = [f"process {i} exited with {p.returncode}: "
+            f"{pathlib.Path(log + '.err').read_text()[-3000:]}"
+            for i, (p, log) in enumerate(zip(procs, logs)) if p.returncode != 0]
+  assert not failed, "\n".join(failed)
+  return [pathlib.Path(log + ".out").read_text() for log in logs]
+
+
 @pytest.fixture(scope="module")
 def corpus_flags(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
@@ -51,31 +90,36 @@ def corpus_flags(tmp_path_factory):
            "--config.mesh.data=2", "--config.mesh.seq=4", "--config.sequence_parallel=ring",
            "--config.data.seq_len=32", "--config.model.max_len=32"]
   # Prepare the data once, so the two processes never race to build it.
-  subprocess.run([sys.executable, "-c", "import sys; from zoo.training import trainer; "
-                  "from configs.tests import tiny_lm; from zoo import data; "
+  subprocess.run([sys.executable, "-c", "from configs.tests import tiny_lm; from zoo import data; "
                   f"c = tiny_lm.get_config(); c.data.data_dir = {str(root / 'tfds')!r}; "
                   f"c.data.source_dir = {str(corpus)!r}; c.data.seq_len = 32; "
                   "data.get_builder(c.data)"], cwd=REPO, check=True, env=_env(1), timeout=300)
   return root, flags
 
 
+def test_two_processes_match_one_for_a_few_steps(corpus_flags, tmp_path):
+  """4 steps, loss logged every step, no periodic eval: the default suite's multi-host run.
+
+  The two sides reduce in different orders (gloo across processes vs. in-process), so the
+  losses agree to float32 rounding: rtol 1e-5.
+  """
+  _, flags = corpus_flags
+  few = flags + ["--config.total_steps=4", "--config.log_every=1", "--config.eval_every=0"]
+  _train_one_process(few, tmp_path / "single")
+  outs = _train_two_processes(few, tmp_path / "multi")
+  assert all("done at step 4" in out for out in outs), outs
+  a, b = _losses(tmp_path / "single"), _losses(tmp_path / "multi")
+  assert len(a) == len(b) == 4
+  np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+@pytest.mark.slow  # minutes of subprocesses; run with `pytest -m slow`
 def test_two_processes_match_one_and_checkpoints_reshard(corpus_flags):
   root, flags = corpus_flags
   single = root / "single"
-  proc = subprocess.run([sys.executable, "train.py", *flags, f"--workdir={single}"],
-                        cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-
+  _train_one_process(flags, single)
   multi = root / "multi"
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "train.py", *flags, f"--workdir={multi}",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  _train_two_processes(flags, multi)
 
   a, b = _losses(single), _losses(multi)
   assert len(a) == len(b) == 4  # 8 steps, logged every 2
@@ -93,6 +137,7 @@ def test_two_processes_match_one_and_checkpoints_reshard(corpus_flags):
   np.testing.assert_allclose(results[1]["bits_per_byte"], results[0]["bits_per_byte"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_on_a_different_mesh(corpus_flags, tmp_path):
   """Train 4 steps on 8 devices (2 x 4, ring), resume to 8 on one device."""
   _, flags = corpus_flags

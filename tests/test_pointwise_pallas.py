@@ -1,4 +1,4 @@
-"""The fused Pallas pointwise-attention kernel (`zoo/attention/pointwise_pallas.py`).
+"""The fused Pallas pointwise-attention kernel (`zoo/attention/pointwise/pallas.py`).
 
 On the CPU the kernels run in Pallas interpret mode (same kernel code, the interpreter
 instead of Triton), against a naive einsum reference written here from the formula
@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from zoo.attention import pointwise_pallas, registry
+from zoo.attention import registry
+from zoo.attention.pointwise import pallas as pointwise_pallas
 from zoo.attention.pointwise import ACTIVATIONS, PointwiseAttention, pointwise_attention
 
 ATOL = 2e-5  # times max(1, max |reference|)
@@ -176,9 +177,10 @@ def test_module_option():
   module = registry.make("relu", width=32, num_heads=2, causal=True, rngs=nnx.Rngs(0),
                          implementation="pallas_interpret")
   assert isinstance(module, PointwiseAttention)
-  assert module.core_options()["implementation"] == "pallas_interpret"
-  assert "implementation" not in registry.make("relu", width=32, num_heads=2, causal=True,
-                                               rngs=nnx.Rngs(0)).core_options()
+  assert module.options.implementation == "pallas_interpret"
+  assert module.core_kwargs(None, None, None, grid=None)["implementation"] == "pallas_interpret"
+  plain = registry.make("relu", width=32, num_heads=2, causal=True, rngs=nnx.Rngs(0))
+  assert "implementation" not in plain.core_kwargs(None, None, None, grid=None)
   with pytest.raises(ValueError, match="implementation must be one of"):
     registry.make("gelu", width=32, num_heads=2, causal=False, rngs=nnx.Rngs(0),
                   implementation="cuda")

@@ -13,7 +13,6 @@ and softmax's float64 path avoids jax.nn.dot_product_attention's float32 softmax
 from __future__ import annotations
 
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -24,21 +23,18 @@ from flax import nnx
 from zoo.attention.pointwise import PointwiseAttention
 from zoo.attention.softmax import SoftmaxAttention
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-FIXTURE = FIXTURES / "relu_attention_flax.npz"
+FIXTURE = "relu_attention_flax.npz"
 OUTPUTS = ["y_softmax_0.0", "y_relu_1.0", "y_relu_0.5", "y_relu2_1.0", "y_gelu_1.0",
            "y_sigmoid_1.0"]
 TOL = 1e-10
 
+from tests.helpers import fixture_path
 from tests.helpers import x64 as _x64
 
 
 @pytest.fixture(scope="module")
 def data():
-  if not FIXTURE.exists():
-    pytest.skip(f"fixture {FIXTURE} not found (the shared fixtures live next to the repo, in "
-                f"../shared/fixtures)")
-  with np.load(FIXTURE) as f:
+  with np.load(fixture_path(FIXTURE)) as f:
     return {k: f[k] for k in f.files}
 
 

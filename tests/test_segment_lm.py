@@ -36,8 +36,8 @@ from zoo.attention import adaptive_span as span_lib
 from zoo.data import pipeline
 from zoo.models import transformer_seq as ts
 from zoo.training import optim
-from zoo.training import segment as segment_lib
 from zoo.training import tasks
+from zoo.training import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -174,13 +174,15 @@ def test_span_penalty_in_training_loss_not_in_eval():
     layer.span[...] = jnp.asarray(z, jnp.float32)
   batch = _batch(rng)
   caches = model.init_caches(2)
+  task = tasks.get("segment_lm")
+  objective_fn = lambda m: trainer.training_loss(task, m, batch, caches)  # the train step's
 
   @nnx.jit
   def run(model):
-    objective, (aux, _) = tasks.segment_lm_loss(model, batch, caches)
-    sums, _ = tasks.segment_lm_eval_sums(model, batch, caches)
-    g_obj = nnx.grad(lambda m: tasks.segment_lm_loss(m, batch, caches)[0])(model)
-    g_nll = nnx.grad(lambda m: tasks.segment_lm_loss(m, batch, caches)[1][0]["nll"])(model)
+    objective, (aux, _) = objective_fn(model)
+    sums, _ = task.eval_sums(model, batch, caches)
+    g_obj = nnx.grad(lambda m: objective_fn(m)[0])(model)
+    g_nll = nnx.grad(lambda m: objective_fn(m)[1][0]["nll"])(model)
     return objective, aux, sums, g_obj["layers_0"]["attn"]["span"], \
         g_nll["layers_0"]["attn"]["span"]
 
@@ -202,7 +204,7 @@ def test_spans_stay_in_unit_interval_after_updates():
   span_lib.span_layers(model)[1].span[...] = jnp.asarray([1.0, 0.99])
   optimizer = nnx.Optimizer(model, optim.make_optimizer(
       {"name": "adagrad", "lr": 0.5, "warmup_steps": 0}, 10), wrt=nnx.Param)
-  step = segment_lib.make_train_step()
+  step = trainer.make_train_step(tasks.get("segment_lm"))
   caches = model.init_caches(2)
   for i in range(3):
     _, aux, caches = step(model, optimizer, _batch(rng), caches, jax.random.key(i))
@@ -224,7 +226,7 @@ def test_softmax_and_pointwise_use_the_same_window_and_cache():
   np.testing.assert_allclose(out_soft, out_ada, atol=1e-5)
   np.testing.assert_array_equal(next_soft[0], next_ada[0])  # the embedded tokens
   np.testing.assert_allclose(next_soft[1], next_ada[1], atol=1e-5)
-  assert span_lib.span_penalty(soft) == 0.0 and not segment_lib.spans_per_head(soft)
+  assert span_lib.span_penalty(soft) == 0.0 and soft.eval_report() == {}
   # Pointwise: a loop over queries and distances in NumPy (h = relu, L = S, alpha 0.5).
   relu = _tiny("relu", alpha=0.5)
   layer = relu.layers_0.attn

@@ -14,21 +14,20 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from zoo.attention import registry
-from zoo.attention import soft  # registers "soft"
 from zoo import models
+from zoo import parallel
+from zoo.attention import registry
+from zoo.attention import sequence_parallel_attention, use_sharding
+from zoo.attention import soft  # registers "soft"
 
+from tests.helpers import fixture_path
 from tests.helpers import x64 as _x64
-
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 
 def _rngs(seed=0):
@@ -38,10 +37,7 @@ def _rngs(seed=0):
 
 
 def _fixture(name):
-  path = FIXTURES / name
-  if not path.exists():
-    pytest.skip(f"SOFT reference fixture {path} is absent (shared fixtures not mounted)")
-  return np.load(path)
+  return np.load(fixture_path(name))
 
 
 def _rel(got, ref) -> float:
@@ -133,7 +129,8 @@ def test_newton_inverse_ridge_zero_converges_to_numpy_inverse():
 
 
 def _load_master(module, data, heads, head_dim, width):
-  """Maps the authors' PyTorch state dict into SoftAttention (see soft.py's docstring)."""
+  """Maps the authors' PyTorch state dict into SoftAttention (see the docstring of
+  zoo/attention/soft/__init__.py)."""
   t = lambda k: jnp.asarray(data[k])
   mapping = {
       ("query", "kernel"): t("W_q/weight").T.reshape(width, heads, head_dim),
@@ -445,7 +442,7 @@ def test_unknown_option_and_bad_newton_arguments():
 
 
 # ----------------------------------------------------------------------------------------
-# (g) Sequence parallel (zoo.parallel.sequence_soft) on 8 simulated CPU devices.
+# (g) Sequence parallel (zoo.attention.soft.parallel) on 8 simulated CPU devices.
 
 
 def _rel_tree(got, want):
@@ -464,7 +461,6 @@ def _rel_tree(got, want):
 def test_sequence_parallel_core_equals_single_device(strategy):
   """Pooled landmarks on an 8x6 grid, ratio 2, mesh data 2 x seq 4 (2 grid rows, one row of
   landmark windows per shard): values and gradients to 1e-5."""
-  from zoo import parallel  # pylint: disable=import-outside-toplevel
   mesh = parallel.make_mesh({"data": 2, "seq": 4})
   rows, cols, d = 8, 6, 8
   rng = np.random.default_rng(4)
@@ -472,8 +468,8 @@ def test_sequence_parallel_core_equals_single_device(strategy):
              for s in (2.0, 1.0, 1.0))  # spread-out queries: well-conditioned K2
 
   def split(q, v):
-    return parallel.sequence_parallel_attention(q, q, v, mesh=mesh, kind="soft",
-                                                strategy=strategy, grid=(rows, cols), ratio=2)
+    return sequence_parallel_attention(q, q, v, mesh=mesh, kind="soft", strategy=strategy,
+                                       grid=(rows, cols), ratio=2)
 
   def single(q, v):
     return soft.soft_attention(q, v, soft.pool_landmarks(q * soft.query_scale(d),
@@ -496,11 +492,10 @@ def _encoded_and_grads(model, x, g):
 
 
 def test_sequence_parallel_vit_equals_single_device(monkeypatch):
-  """The ViT's SOFT layers (conv landmarks, 3x3 convolution on V) under the trainer's
-  sharding context with strategy all_gather, mesh data 4 x seq 2 (a 4x4 grid: 2 rows per
-  shard): the landmarks are gathered, K1^T V is psum'd and the convolution's boundary
-  rows ppermuted; encoder output and every parameter's gradient equal one device's."""
-  from zoo import parallel  # pylint: disable=import-outside-toplevel
+  """The ViT's SOFT layers (conv landmarks, 3x3 convolution on V) with the trainer's
+  sharding (strategy all_gather), mesh data 4 x seq 2 (a 4x4 grid: 2 rows per shard): the
+  landmarks are gathered, K1^T V is psum'd and the convolution's boundary rows
+  ppermuted; encoder output and every parameter's gradient equal one device's."""
   model = _vit(**_OPTIONS)
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32)
@@ -508,12 +503,11 @@ def test_sequence_parallel_vit_equals_single_device(monkeypatch):
   step = nnx.jit(_encoded_and_grads)
   want_grads, want = step(model, x, g)
   mesh = parallel.make_mesh({"data": 4, "seq": 2})
-  from zoo.parallel import sequence  # pylint: disable=import-outside-toplevel
-  implementation, calls = sequence._IMPLEMENTATIONS[("soft", "all_gather")], []
-  monkeypatch.setitem(sequence._IMPLEMENTATIONS, ("soft", "all_gather"),
+  implementation, calls = soft.CORE.strategies["all_gather"], []
+  monkeypatch.setitem(soft.CORE.strategies, "all_gather",
                       lambda *a, **kw: calls.append(kw["grid"]) or implementation(*a, **kw))
-  with parallel.sharding_context(mesh, strategy="all_gather"):
-    grads, got = nnx.jit(_encoded_and_grads)(model, x, g)
+  use_sharding(model, parallel.Sharding(mesh, strategy="all_gather"))
+  grads, got = nnx.jit(_encoded_and_grads)(model, x, g)
   assert calls == [(4, 4)]  # the split path ran (traced once; one layer)
   assert _rel(got, want) < 1e-5
   got_grads, want_grads = (nnx.state(t, nnx.Param) for t in (grads, want_grads))
@@ -525,36 +519,36 @@ def test_sequence_parallel_vit_equals_single_device(monkeypatch):
 
 
 def test_sequence_parallel_bad_split_fails_clearly():
-  from zoo import parallel  # pylint: disable=import-outside-toplevel
-  from zoo.parallel import sequence_soft  # pylint: disable=import-outside-toplevel
   model = _vit(**_OPTIONS)  # 4x4 grid, ratio 2
   x = jnp.zeros((4, 8, 8, 1))
-  with parallel.sharding_context(parallel.make_mesh({"data": 2, "seq": 4}), strategy="all_gather"):
-    with pytest.raises(ValueError, match=r"4x4 patch grid is split by rows .*\(4 shards\).*"
-                                         r"1 rows per shard are not a multiple of the "
-                                         r"landmark ratio 2.*work for this grid: \[1, 2\]"):
-      model(x)
-  with parallel.sharding_context(parallel.make_mesh({"data": 1, "seq": 8}), strategy="ring"):
-    with pytest.raises(ValueError, match="'soft' has no sequence-parallel 'ring' strategy; "
-                                         r"available: \['all_gather', 'gspmd'\]"):
-      model(x)
+  use_sharding(model, parallel.Sharding(parallel.make_mesh({"data": 2, "seq": 4}),
+                                        strategy="all_gather"))
+  with pytest.raises(ValueError, match=r"4x4 patch grid is split by rows .*\(4 shards\).*"
+                                       r"1 rows per shard are not a multiple of the "
+                                       r"landmark ratio 2.*work for this grid: \[1, 2\]"):
+    model(x)
+  use_sharding(model, parallel.Sharding(parallel.make_mesh({"data": 1, "seq": 8}),
+                                        strategy="ring"))
+  with pytest.raises(ValueError, match="'soft' has no sequence-parallel 'ring' strategy; "
+                                       r"available: \['all_gather', 'gspmd'\]"):
+    model(x)
   with pytest.raises(ValueError, match="6 rows do not divide by 4"):
-    sequence_soft.rows_per_shard((6, 4), 4, 1)
-  assert sequence_soft.rows_per_shard((12, 5), 3, 2) == 4
-  assert sequence_soft.rows_per_shard((5, 5), 1, 2) == 5  # one shard: floored as unsplit
+    soft.rows_per_shard((6, 4), 4, 1)
+  assert soft.rows_per_shard((12, 5), 3, 2) == 4
+  assert soft.rows_per_shard((5, 5), 1, 2) == 5  # one shard: floored as unsplit
   with pytest.raises(ValueError, match=r"work for this grid: \[1, 3\]"):
-    sequence_soft.rows_per_shard((6, 5), 2, 2)
+    soft.rows_per_shard((6, 5), 2, 2)
   q = jnp.zeros((4, 16, 2, 8))
   mesh = parallel.make_mesh({"data": 4, "seq": 2})
   with pytest.raises(ValueError, match="needs learned parameters"):
-    parallel.sequence_parallel_attention(q, q, q, mesh=mesh, kind="soft", strategy="all_gather",
-                                         grid=(4, 4), landmarks="conv")
+    sequence_parallel_attention(q, q, q, mesh=mesh, kind="soft", strategy="all_gather",
+                                grid=(4, 4), landmarks="conv")
   with pytest.raises(ValueError, match="ties keys to queries"):
-    parallel.sequence_parallel_attention(q, q + 1, q, mesh=mesh, kind="soft",
-                                         strategy="all_gather", grid=(4, 4))
+    sequence_parallel_attention(q, q + 1, q, mesh=mesh, kind="soft", strategy="all_gather",
+                                grid=(4, 4))
   with pytest.raises(ValueError, match="needs the depthwise filters"):
-    parallel.sequence_parallel_attention(q, q, q, mesh=mesh, kind="soft", strategy="gspmd",
-                                         grid=(4, 4), conv_size=3)
+    sequence_parallel_attention(q, q, q, mesh=mesh, kind="soft", strategy="gspmd",
+                                grid=(4, 4), conv_size=3)
 
 
 def test_lm_config_with_soft_fails_at_config_validation():
@@ -568,3 +562,30 @@ def test_lm_config_with_soft_fails_at_config_validation():
                                        "used in a causal language model"):
     training.validate_config(config)
   training.validate_config(lm_bytes.get_config("attention=softmax"))  # the check is SOFT's
+
+
+# ----------------------------------------------------------------------------------------
+# (h) FLOPs.
+
+
+def test_flops_count_the_matrix_products():
+  """Per head 2nm(d + 2dv) + 2m^2(d + dv) + 4 I m^3, plus the learned landmarks'
+  convolution 2m k^2 d^2 and the depthwise one on V 2n c^2 dv; the layer adds its q, v and
+  out projections. XLA's count of the pooled core (its matmuls and a few elementwise
+  ops; it counts a loop body once, so one Newton step) agrees to 10%."""
+  n, m, d, h, k, c, iters = 36, 9, 16, 4, 2, 3, 20
+  layer = soft.SoftAttention(64, h, rngs=_rngs())  # conv landmarks, conv_size 3
+  core = h * (2 * n * m * 3 * d + 2 * m * m * 2 * d + 4 * iters * m**3)
+  convs = h * (2 * m * k * k * d * d + 2 * n * c * c * d)
+  assert layer.core_flops(n, (6, 6)) == core + convs
+  assert layer.flops(n, (6, 6)) == 2 * n * 3 * 64 * 64 + core + convs
+  with pytest.raises(ValueError, match="needs the 2-D patch grid"):
+    layer.flops(n)
+  q = jnp.ones((1, 32 * 32, 2, 32))
+  f = jax.jit(lambda q, v: soft.CORE.fn(q, q, v, causal=False, mask=None, grid=(32, 32),
+                                        ratio=4, num_iters=1))
+  cost = f.lower(q, q).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  want = soft.CORE.flops(q_len=32 * 32, kv_len=32 * 32, heads=2, head_dim=32, causal=False,
+                         grid=(32, 32), ratio=4, num_iters=1)
+  assert abs(cost["flops"] / want - 1) < 0.1, (cost["flops"], want)

@@ -35,16 +35,23 @@ def _params(workdir, config, step=None):
   return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, data_dir):
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data_dir):
+  """One uninterrupted run of the tiny ViT (12 steps), shared by the tests that read it."""
   config = _vit_config(data_dir)
-  straight = training.train(config, str(tmp_path / "a"), progress=False)
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  return config, workdir, training.train(config, workdir, progress=False)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, straight_run):
+  config, a, straight = straight_run
   assert straight == {"step": 12, "status": "done", "eval": straight["eval"]}
   first = training.train(config, str(tmp_path / "b"), stop_at_step=7, progress=False)
   assert first["status"] == "interrupted" and first["step"] == 7
   resumed = training.train(config, str(tmp_path / "b"), progress=False)
   assert resumed["step"] == 12
-  a, b = _params(str(tmp_path / "a"), config), _params(str(tmp_path / "b"), config)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  pa, pb = _params(a, config), _params(str(tmp_path / "b"), config)
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_array_equal(x, y)  # bit for bit
   # Each run logged its own steps; together they cover 1..12 once.
   logged = [json.loads(l)["step"] for l in open(tmp_path / "b" / "metrics.jsonl")
@@ -103,17 +110,15 @@ def test_nan_loss_stops_without_overwriting_last_good_checkpoint(tmp_path, data_
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
-def test_workdir_of_a_different_model_fails_before_training(tmp_path, data_dir):
-  config = _vit_config(data_dir)
-  config.total_steps = 4
-  training.train(config, str(tmp_path), progress=False)
+def test_workdir_of_a_different_model_fails_before_training(straight_run, data_dir):
+  _, workdir, _ = straight_run
   other = _vit_config(data_dir, "attention=softmax")
-  other.total_steps = 8
+  other.total_steps = 16  # past the workdir's newest checkpoint (12): it would train
   with pytest.raises(ValueError, match=r"different model(.|\n)*model.attention: checkpoint 'relu'"):
-    training.train(other, str(tmp_path), progress=False)
+    training.train(other, workdir, progress=False)
   with pytest.raises(ValueError, match="different model"):
-    training.restore_model(other, str(tmp_path))
-  assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [4]
+    training.restore_model(other, workdir)
+  assert ckpt_lib.Checkpointer(workdir).all_steps() == [4, 8, 12]
 
 
 def test_bad_configs_fail_with_clear_messages(tmp_path, data_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -45,7 +46,6 @@ def initialize_distributed() -> None:
   if num is None or pid is None:
     raise app.UsageError("a multi-process run needs --num_processes and --process_id "
                          "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
-  import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
                              process_id=int(pid))

@@ -9,15 +9,12 @@ them, e.g. into the chosen attention's options.
 from __future__ import annotations
 
 import ast
-import inspect
 from typing import Any
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from zoo import attention as attention_lib
-
-_SHARED_OPTION_NAMES = ("width", "num_heads", "causal", "rngs", "dtype", "param_dtype")
+from zoo.attention import registry
 
 
 def _literal(text: str) -> Any:
@@ -64,22 +61,13 @@ def key_first(arg: str | None, key: str) -> str | None:
 
 
 def attention_option_defaults(name: str) -> dict[str, Any]:
-  """Every option the named attention accepts, with its default (the family's preset wins).
+  """Every option the named attention accepts, with its default (the name's preset wins),
+  read from the family's options dataclass in the registry.
 
   Config files fill `model.attention_options` with this so that any option can be set
   with `--config.model.attention_options.NAME=VALUE`.
   """
-  family = attention_lib.get(name)
-  options: dict[str, Any] = {}
-  for cls in reversed(inspect.getmro(family.module)):
-    init = vars(cls).get("__init__")
-    if init is None:
-      continue
-    for p in inspect.signature(init).parameters.values():
-      if p.kind is p.KEYWORD_ONLY and p.name not in _SHARED_OPTION_NAMES:
-        options[p.name] = None if p.default is p.empty else p.default
-  options.update(family.defaults)
-  return options
+  return registry.get(name).option_defaults()
 
 
 def attention_options_from_arg(name: str, arg: ml_collections.ConfigDict,

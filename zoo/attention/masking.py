@@ -70,6 +70,26 @@ def combine_masks(mask: jax.Array | None, q_len: int, kv_len: int, *, causal: bo
   return mask
 
 
-def padding_mask(valid: jax.Array) -> jax.Array:
-  """Key padding mask `[batch, 1, 1, kv_len]` from a `[batch, kv_len]` validity vector."""
-  return jnp.asarray(valid, bool)[:, None, None, :]
+def split_mask(mask: jax.Array | None, q_len: int | None = None,
+               kv_len: int | None = None):
+  """A 4-D boolean mask as (key_keep, query_keep, general), at most one not None.
+
+  key_keep `[B', kv_len, H', 1]`: the same keys for every query (padding masks);
+  query_keep `[B', q_len, H', 1]`: every key or none, per query; general: the mask
+  itself when it varies along both axes. Kernels that work tile by tile zero hidden keys
+  or queries instead of masking scores. With `q_len` / `kv_len`, the keeps are broadcast
+  to those lengths.
+  """
+  if mask is None:
+    return None, None, None
+  if mask.shape[-2] == 1:
+    keep = mask[..., 0, :]
+    if kv_len is not None:
+      keep = jnp.broadcast_to(keep, keep.shape[:2] + (kv_len,))
+    return jnp.swapaxes(keep, 1, 2)[..., None], None, None
+  if mask.shape[-1] == 1:
+    keep = mask[..., 0]
+    if q_len is not None:
+      keep = jnp.broadcast_to(keep, keep.shape[:2] + (q_len,))
+    return None, jnp.swapaxes(keep, 1, 2)[..., None], None
+  return None, None, mask

@@ -1,98 +1,168 @@
-"""Registry of attention families: config name -> module class.
+"""The one registry of attention families: config name -> layer, typed options, support.
 
-A family registers its `nnx.Module` class once, in its own file:
+A family registers its layer once, in its own package, with one line per name:
 
-    registry.register("relu", PointwiseAttention, supports_causal=True, defaults=...)
+    registry.register("relu", PointwiseAttention, preset={"activation": "relu"})
 
-and the backbones build it with `registry.make(name, width=..., num_heads=..., causal=...,
-rngs=..., **options)`. Every module class takes `(width, num_heads, *, causal, rngs,
-dtype, param_dtype, **family_options)` and is called as `module(x, mask=...)` on
-`[batch, length, width]` inputs, returning `[batch, length, width]`:
-
-    module(x, *, mask=None, grid=None)
+The layer class carries everything else: its options dataclass (`Layer.Options`, see
+`options.py`), its functional core and strategies (`Layer.core`, see `core.py`), and which
+forms it has (`Layer.causal_forms`: (False, True) for both). Backbones build layers
+with `registry.make(name, width=..., num_heads=..., causal=..., rngs=..., **options)`;
+every layer is called as `layer(x, mask=None, grid=None)` on `[batch, length, width]`
+inputs and returns `[batch, length, width]`.
 
 `mask` is boolean, broadcastable to `[batch, heads, q_len, kv_len]` (True = attend);
 `grid` is the ViT's (rows, cols) patch grid when x holds exactly the patch tokens in
 row-major order (for families with 2-D operators, e.g. AFT-conv, SOFT's landmarks), and
 None in the LM or when a class token is present.
+
+Segment models (`TransformerSeq`) run a name's `cached_layer` instead: a layer over the
+window of positions before each query in cat(cache, block) (`Layer.cached`, see
+`zoo.attention.cache_window`). A family whose layer is itself cached (adaptive span)
+has it by default; another family attaches one with `set_cached_layer(name, Layer)` (or
+`register(..., cached_layer=Layer)`). The name's preset applies to both layers;
+`names(cached=True)` lists the names a segment model accepts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
+
+from zoo.attention.options import Options
+from zoo.parallel import STRATEGIES
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionFamily:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Family:
+  """A registered name: its layer class and the options preset that name fixes."""
   name: str
-  module: Callable[..., Any]
-  supports_causal: bool
-  supports_noncausal: bool
-  defaults: Mapping[str, Any]
+  layer: type
+  preset: Mapping[str, Any]
   description: str
+  cached_layer: type | None = None  # the layer over a segment cache (TransformerSeq)
+
+  @property
+  def options_class(self) -> type[Options]:
+    return self.layer.Options
+
+  @property
+  def supports_causal(self) -> bool:
+    return True in self.layer.causal_forms
+
+  @property
+  def supports_noncausal(self) -> bool:
+    return False in self.layer.causal_forms
+
+  @property
+  def cached(self) -> bool:
+    """Whether the name runs over a segment cache (it has a `cached_layer`)."""
+    return self.cached_layer is not None
+
+  def _options_class(self, cached: bool) -> type[Options]:
+    if not cached:
+      return self.options_class
+    if self.cached_layer is None:
+      raise ValueError(f"attention {self.name!r} does not run over a segment cache; "
+                       f"those that do: {', '.join(names(cached=True))}")
+    return self.cached_layer.Options
+
+  def option_defaults(self, *, cached: bool = False) -> dict[str, Any]:
+    """Every option with its default (the name's preset wins). With `cached`, those of
+    the cached layer that a config sets: without the fields the segment model sets from
+    its own keys (`Options.model_level_names()`, e.g. max_span)."""
+    options_class = self._options_class(cached)
+    defaults = options_class.defaults()
+    for name in (options_class.model_level_names() if cached else ()):
+      defaults.pop(name)
+    return {**defaults, **self.preset}
+
+  def options(self, given: Mapping[str, Any] | None = None, *,
+              cached: bool = False) -> Options:
+    """The typed options (of the cached layer with `cached`): preset, then `given` (a
+    misspelt name fails, listing the valid)."""
+    return self._options_class(cached).create(self.name, {**self.preset, **dict(given or {})})
 
 
-_FAMILIES: dict[str, AttentionFamily] = {}
+_FAMILIES: dict[str, Family] = {}
 
 
-def register(name: str, module: Callable[..., Any], *, supports_causal: bool = True,
-             supports_noncausal: bool = True, defaults: Mapping[str, Any] | None = None,
-             description: str = "") -> None:
-  """Registers an attention family (or a named preset of one, via `defaults`)."""
+def _check_layer(name: str, layer: type, preset: Mapping[str, Any]) -> None:
+  for attr in ("Options", "core", "causal_forms"):
+    if not hasattr(layer, attr):
+      raise TypeError(f"{layer.__name__} has no {attr!r}: derive it from "
+                      f"zoo.attention.base.AttentionLayer")
+  unknown = set(preset) - set(layer.Options.names())
+  if unknown:
+    raise ValueError(f"preset of {name!r} sets unknown option(s) {sorted(unknown)} of "
+                     f"{layer.__name__}")
+
+
+def register(name: str, layer: type, *, preset: Mapping[str, Any] | None = None,
+             description: str = "", cached_layer: type | None = None) -> None:
+  """Registers a layer class under `name` (or a named preset of its options), with the
+  layer it runs as over a segment cache (default: `layer` itself when `layer.cached`)."""
   if name in _FAMILIES:
     raise ValueError(f"attention {name!r} is already registered")
-  _FAMILIES[name] = AttentionFamily(name, module, supports_causal, supports_noncausal,
-                                    dict(defaults or {}), description)
+  preset = dict(preset or {})
+  _check_layer(name, layer, preset)
+  _FAMILIES[name] = Family(name, layer, preset, description)
+  if cached_layer is not None or getattr(layer, "cached", False):
+    set_cached_layer(name, cached_layer or layer)
 
 
-def names() -> list[str]:
-  return sorted(_FAMILIES)
+def set_cached_layer(name: str, layer: type) -> None:
+  """Attaches to the registered `name` the layer it runs as over a segment cache (a
+  `cached` layer, causal; the name's preset must be options of it too)."""
+  family = get(name)
+  if family.cached_layer is not None:
+    raise ValueError(f"attention {name!r} already has the cached layer "
+                     f"{family.cached_layer.__name__}")
+  _check_layer(name, layer, family.preset)
+  if not getattr(layer, "cached", False) or True not in layer.causal_forms:
+    raise TypeError(f"{layer.__name__} is not a causal layer over a segment cache "
+                    f"(set cached = True; see zoo.attention.cache_window)")
+  _FAMILIES[name] = dataclasses.replace(family, cached_layer=layer)
 
 
-def get(name: str) -> AttentionFamily:
+def names(*, causal: bool | None = None, cached: bool | None = None) -> list[str]:
+  """Registered names; `causal=True/False` keeps those with that form, `cached=True`
+  those that run over a segment cache (`TransformerSeq`), `cached=False` the others."""
+  def keep(f: Family) -> bool:
+    if causal is not None and not (f.supports_causal if causal else f.supports_noncausal):
+      return False
+    return cached is None or f.cached == cached
+  return sorted(n for n, f in _FAMILIES.items() if keep(f))
+
+
+def get(name: str) -> Family:
   if name not in _FAMILIES:
     raise ValueError(f"unknown attention {name!r}; registered: {', '.join(names())}")
   return _FAMILIES[name]
 
 
-def _accepted_options(module) -> set[str] | None:
-  """Keyword names the module class accepts (None: accepts anything via **kwargs)."""
-  accepted = set()
-  for cls in inspect.getmro(module):
-    if "__init__" not in vars(cls):
-      continue
-    params = inspect.signature(vars(cls)["__init__"]).parameters.values()
-    accepted |= {p.name for p in params if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
-    if not any(p.kind is p.VAR_KEYWORD for p in params):
-      return accepted - {"self"}
-  return accepted - {"self"}
+def strategies(name: str) -> tuple[str, ...]:
+  """The sequence-parallel strategies the named attention has, in `STRATEGIES` order."""
+  return tuple(s for s in STRATEGIES if s in get(name).layer.core.strategies)
 
 
-def validate(name: str, options: Mapping[str, Any], *, causal: bool) -> AttentionFamily:
-  """Checks a config's attention choice before any model is built."""
+def validate(name: str, options: Mapping[str, Any] | None = None, *,
+             causal: bool) -> Options:
+  """Checks a config's attention choice before any model is built; returns its options."""
   family = get(name)
   if causal and not family.supports_causal:
     raise ValueError(f"attention {name!r} has no causal form, so it cannot be used in a "
-                     f"causal language model; pick one of "
-                     f"{[n for n in names() if _FAMILIES[n].supports_causal]}")
+                     f"causal language model; pick one of {names(causal=True)}")
   if not causal and not family.supports_noncausal:
     raise ValueError(f"attention {name!r} is causal-only")
-  accepted = _accepted_options(family.module)
-  reserved = {"width", "num_heads", "causal", "rngs", "dtype", "param_dtype"}
-  unknown = set(options) - (accepted - reserved)
-  if unknown:
-    raise ValueError(f"unknown option(s) {sorted(unknown)} for attention {name!r}; "
-                     f"accepted: {sorted(accepted - reserved)}")
-  return family
+  return family.options(options)
 
 
-def make(name: str, *, width: int, num_heads: int, causal: bool, rngs,
-         dtype=None, param_dtype=None, **options):
-  """Builds the named attention module; options override the family's defaults."""
-  family = validate(name, options, causal=causal)
-  kwargs = {**family.defaults, **options}
-  if param_dtype is not None:
-    kwargs["param_dtype"] = param_dtype
-  return family.module(width, num_heads, causal=causal, dtype=dtype, rngs=rngs, **kwargs)
+def make(name: str, *, width: int, num_heads: int, causal: bool, rngs, dtype=None,
+         param_dtype=None, sharding=None, **options):
+  """Builds the named attention layer; options override the name's preset."""
+  family = get(name)
+  validate(name, options, causal=causal)
+  kwargs = {} if param_dtype is None else {"param_dtype": param_dtype}
+  return family.layer(width, num_heads, causal=causal, dtype=dtype, rngs=rngs,
+                      sharding=sharding, **kwargs, **{**family.preset, **options})

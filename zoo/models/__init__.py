@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo import attention as attention_lib
+from zoo.parallel import Sharding
 from zoo.models import transformer_seq
 from zoo.models.lm import DecoderLM
 from zoo.models.transformer_seq import TransformerSeq
@@ -33,7 +34,7 @@ def validate(model_config: Mapping[str, Any]) -> None:
   name = model_config.get("name")
   if name not in MODELS:
     raise ValueError(f"model.name must be one of {sorted(MODELS)}, got {name!r}")
-  if name == "transformer_seq":  # its own attention set (sequential layers over a cache)
+  if name == "transformer_seq":  # the registry's layers over a segment cache
     transformer_seq.model_kwargs(model_config)
     for key in ("dtype", "param_dtype"):
       _dtype(model_config.get(key))
@@ -43,9 +44,11 @@ def validate(model_config: Mapping[str, Any]) -> None:
                          causal=CAUSAL[name])
 
 
-def create(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+def create(model_config: Mapping[str, Any], rngs: nnx.Rngs,
+           sharding: Sharding | None = None) -> nnx.Module:
   """Builds `ViT`, `DecoderLM` or `TransformerSeq` from a config dict (`name` plus
-  constructor arguments; for transformer_seq see `transformer_seq.model_kwargs`)."""
+  constructor arguments; for transformer_seq see `transformer_seq.model_kwargs`), its
+  blocks and attention layers laid out by `sharding` (None: one device, unsplit)."""
   validate(model_config)
   if model_config["name"] == "transformer_seq":
     kwargs = transformer_seq.model_kwargs(model_config)
@@ -59,7 +62,7 @@ def create(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
   if "attention_options" in kwargs:
     kwargs["attention_options"] = dict(kwargs["attention_options"] or {})
   try:
-    return cls(**kwargs, rngs=rngs)
+    return cls(**kwargs, sharding=sharding, rngs=rngs)
   except TypeError as e:
     raise ValueError(f"bad model config for {cls.__name__}: {e}") from None
 

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from zoo.models.transformer import Encoder
+from zoo.parallel import Sharding
 
 
 def posemb_sincos_1d(length: int, width: int, max_timescale: float = 10_000.,
@@ -41,13 +42,15 @@ class DecoderLM(nnx.Module):
     posemb: 'learn' or 'sincos'.
     tied_embedding: logits from the input embedding's transpose (True) or a separate head.
     attention, attention_options: any registered attention with a causal form.
+    sharding: a `zoo.parallel.Sharding` for the blocks and attention layers (None: unsplit).
   """
 
   def __init__(self, *, width: int = 256, depth: int = 4, mlp_dim: int | None = None,
                num_heads: int = 4, max_len: int = 256, vocab_size: int = 256,
                posemb: str = "learn", tied_embedding: bool = True,
                attention: str = "softmax", attention_options: Mapping[str, Any] | None = None,
-               dropout: float = 0.0, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dropout: float = 0.0, sharding: Sharding | None = None, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if posemb not in ("learn", "sincos"):
       raise ValueError(f"posemb must be learn or sincos, got {posemb!r}")
     self.max_len, self.width, self.posemb = max_len, width, posemb
@@ -62,7 +65,8 @@ class DecoderLM(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.Transformer = Encoder(width, depth, mlp_dim or 4 * width, num_heads,
                                attention=attention, attention_options=attention_options,
-                               causal=True, dropout=dropout, max_len=max_len, **kw)
+                               causal=True, dropout=dropout, max_len=max_len,
+                               sharding=sharding, **kw)
     if not tied_embedding:
       self.head = nnx.Linear(width, vocab_size, kernel_init=nnx.initializers.zeros, **kw)
 

@@ -16,7 +16,6 @@ from flax import nnx
 
 from zoo import attention as attention_lib
 from zoo import parallel
-from zoo.config import attention_option_defaults
 
 
 class MlpBlock(nnx.Module):
@@ -42,7 +41,7 @@ def fill_max_len(attention: str, options: Mapping[str, Any] | None,
   when the family takes a `max_len` (AFT-full, AFT-local) and none is given."""
   options = dict(options or {})
   if (max_len is not None and options.get("max_len") is None
-      and "max_len" in attention_option_defaults(attention)):
+      and "max_len" in attention_lib.get(attention).options_class.names()):
     options["max_len"] = max_len
   return options
 
@@ -51,18 +50,23 @@ class Encoder1DBlock(nnx.Module):
   """x + attn(LN(x)), then x + mlp(LN(x)); returns the output and its intermediates.
 
   `max_len`: the longest token sequence the backbone feeds the block; it fills the
-  attention's `max_len` option when the family has one and it is unset.
+  attention's `max_len` option when the family has one and it is unset. `sharding`: a
+  `zoo.parallel.Sharding` (activations constrained to their logical axes; with a
+  strategy, the attention split along the sequence), or None.
   """
 
   def __init__(self, width: int, mlp_dim: int, num_heads: int, *, attention: str,
                attention_options: Mapping[str, Any] | None = None, causal: bool = False,
-               dropout: float = 0.0, max_len: int | None = None, dtype=None,
+               dropout: float = 0.0, max_len: int | None = None,
+               sharding: parallel.Sharding | None = None, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.sharding = sharding
     ln = dict(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.LayerNorm_0 = nnx.LayerNorm(width, **ln)
     self.MultiHeadDotProductAttention_0 = attention_lib.make(
         attention, width=width, num_heads=num_heads, causal=causal, rngs=rngs, dtype=dtype,
-        param_dtype=param_dtype, **fill_max_len(attention, attention_options, max_len))
+        param_dtype=param_dtype, sharding=sharding,
+        **fill_max_len(attention, attention_options, max_len))
     self.LayerNorm_1 = nnx.LayerNorm(width, **ln)
     self.MlpBlock_0 = MlpBlock(width, mlp_dim, dropout=dropout, dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
@@ -71,7 +75,7 @@ class Encoder1DBlock(nnx.Module):
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
                grid: tuple[int, int] | None = None):
     out = {}
-    x = parallel.constrain(x, ("batch", "seq", "embed"))
+    x = parallel.constrain(x, ("batch", "seq", "embed"), self.sharding)
     y = self.LayerNorm_0(x)
     y = out["sa"] = self.MultiHeadDotProductAttention_0(y, mask=mask, grid=grid)
     x = out["+sa"] = x + self.dropout(y)
@@ -86,12 +90,13 @@ class Encoder(nnx.Module):
   def __init__(self, width: int, depth: int, mlp_dim: int, num_heads: int, *,
                attention: str, attention_options: Mapping[str, Any] | None = None,
                causal: bool = False, dropout: float = 0.0, max_len: int | None = None,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               sharding: parallel.Sharding | None = None, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.depth = depth
     for i in range(depth):
       setattr(self, f"encoderblock_{i}", Encoder1DBlock(
           width, mlp_dim, num_heads, attention=attention, attention_options=attention_options,
-          causal=causal, dropout=dropout, max_len=max_len, dtype=dtype,
+          causal=causal, dropout=dropout, max_len=max_len, sharding=sharding, dtype=dtype,
           param_dtype=param_dtype, rngs=rngs))
     self.encoder_norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)

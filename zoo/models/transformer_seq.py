@@ -9,11 +9,14 @@ Architecture (as the authors' code, not the usual pre-LN transformer):
 
 * `in_emb` (token embedding, N(0, 1) init) and an untied `out_emb` (Linear with bias);
   no absolute positions: a learned per-distance key embedding `key_pe` `[1, head_dim, S]`
-  is shared by all layers and heads (`adaptive_span.py`).
+  is shared by all layers and heads (`zoo.attention.cache_window`).
 * Post-LayerNorm blocks (torch's LayerNorm, epsilon 1e-5):
   h = norm1(h + attn(h, cache)); h = norm2(h + ff(h)) with ff = fc2(relu(fc1(h))).
-  The all-attention layer (`persistent_size > 0`) has no ff and no norm2.
-* Bias-free q/k/v/out projections (`zoo.attention.adaptive_span.AdaptiveSpanAttention`).
+  The all-attention layer (`persistent_memory`) has no ff and no norm2.
+* The attention is any registered name with a layer over a segment cache
+  (`zoo.attention.names(cached=True)`: adaptive_span, persistent_memory, softmax,
+  pointwise and each pointwise activation name), built from the registry's
+  `cached_layer` with bias-free q/k/v/out projections.
 * Output: log-softmax over the vocabulary.
 * Cache: layer l's next cache is the last `cache_size` of cat(cache_l, h_l) with h_l the
   layer's INPUT for this block (`cache_size` = S, or the trimmed window + 64 with
@@ -21,6 +24,11 @@ Architecture (as the authors' code, not the usual pre-LN transformer):
   `.detach()` it). The first block's cache is zeros (`init_caches`).
 * Dropout: on the embeddings and before `out_emb` (`emb_dropout`), on the attention
   weights and in the ff hidden layer (`dropout`); none on the residual branches.
+
+The trainer hooks (`regularization_loss`, `after_update`, `before_step`,
+`checkpoint_state` / `restore_checkpoint_state`, `host_metrics`, `eval_report`) carry
+the adaptive-span bookkeeping (`zoo.attention.adaptive_span`: penalty, clamping,
+trimming, statistics), so the trainer knows no attention family.
 
 `load_authors_state_dict(model, npz_or_dict)` loads the authors' `state_dict()` ("." or
 "/" separated keys).
@@ -37,9 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zoo import attention as attention_lib
 from zoo.attention import adaptive_span as span_lib
-from zoo.attention import persistent as persistent_lib
-from zoo.attention import pointwise as pointwise_lib
+from zoo.parallel import Sharding
 
 
 class FeedForwardLayer(nnx.Module):
@@ -56,60 +64,46 @@ class FeedForwardLayer(nnx.Module):
     return self.fc2(self.dropout(jax.nn.relu(self.fc1(h))))
 
 
-class PointwiseSeqAttention(span_lib.AdaptiveSpanAttention):
-  """Pointwise attention (Wortsman et al. 2023) over the same window and cache.
+def attention_options_for(attention: str, options: Mapping[str, Any] | None, *, max_span: int,
+                      dropout: float = 0.0) -> dict[str, Any]:
+  """The cached layer's options for `attention` in a TransformerSeq: the config's
+  `options` (None values dropped) with the model's max_span, dropout and shared key_pe.
 
-  The layer of `AdaptiveSpanAttention` with a fixed span (no mask) where the softmax is
-  replaced by S^-alpha h(logits): query i sees the S previous positions (the current
-  token excluded, as the authors' layer), logits (q.k + q.key_pe) / sqrt(head_dim), no
-  normalisation over keys. L = S for every query (zero keys before the stream's start
-  carry zero values, so they add nothing).
+  Raises ValueError for a name without a layer over a segment cache, an option that the
+  cached layer does not take or that the model sets itself (max_span, attn_dropout,
+  shared_key_pe), or a bad value (the options dataclass's checks).
   """
-
-  def __init__(self, width: int, num_heads: int, *, activation: str = "relu",
-               alpha: float = 1.0, **kwargs):
-    pointwise_lib.check_options(activation, alpha, None)
-    kwargs["adapt_span"] = False
-    super().__init__(width, num_heads, **kwargs)
-    self.activation, self.alpha = activation, float(alpha)
-
-  def attend_seq(self, q, k, v, key_pe, trim_len):
-    max_span, key_pe = span_lib.check_inputs(q, k, v, key_pe)
-    k_win, v_win, pe_win = span_lib.window(k, v, key_pe, q.shape[1], trim_len)
-    logits = span_lib.context_logits(q, k_win, pe_win) / math.sqrt(q.shape[-1])
-    w = pointwise_lib.ACTIVATIONS[self.activation](logits) * float(max_span) ** -self.alpha
-    dropout = self._dropout_fn()
-    if dropout is not None:
-      w = dropout(w)
-    return span_lib.context_output(w, v_win).astype(q.dtype)
+  accepted_names = attention_lib.names(cached=True)
+  if attention not in accepted_names:
+    raise ValueError(f"transformer_seq attention must be one of {accepted_names}, got "
+                     f"{attention!r}")
+  family = attention_lib.get(attention)
+  given = {k: v for k, v in dict(options or {}).items() if v is not None}
+  accepted = family.option_defaults(cached=True)
+  bad = sorted(set(given) - set(accepted))
+  if bad:
+    raise ValueError(f"unknown option(s) {bad} for attention {attention!r} in "
+                     f"transformer_seq; accepted: {sorted(accepted)}")
+  model_level = dict(max_span=max_span, attn_dropout=float(dropout or 0.0), shared_key_pe=True)
+  return family.options({**given, **model_level}, cached=True).as_dict()
 
 
 class TransformerSeqLayer(nnx.Module):
   """Post-LN block: norm1(h + attn(h, cache)), then norm2(h + ff(h)) unless all-attention."""
 
-  def __init__(self, width: int, num_heads: int, inner_size: int, *, max_span: int,
-               ramp: int, span_init: float, span_loss: float, adapt_span: bool,
-               adapt_cache: bool, persistent_size: int, dropout: float,
-               trim_granularity: int, activation: str | None = None, alpha: float = 1.0,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, width: int, num_heads: int, inner_size: int, *, attention: str,
+               attention_options: Mapping[str, Any], dropout: float,
+               sharding: Sharding | None = None, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    attn_kw = dict(causal=True, max_span=max_span, ramp=ramp, span_init=span_init,
-                   span_loss=span_loss, adapt_span=adapt_span, adapt_cache=adapt_cache,
-                   attn_dropout=dropout, shared_key_pe=True,
-                   trim_granularity=trim_granularity, **kw)
-    if activation is not None:
-      attn_kw.pop("adapt_span")
-      self.attn = PointwiseSeqAttention(width, num_heads, activation=activation, alpha=alpha,
-                                        **attn_kw)
-    elif persistent_size > 0:
-      self.attn = persistent_lib.PersistentMemoryAttention(
-          width, num_heads, persistent_size=persistent_size, **attn_kw)
-    else:
-      self.attn = span_lib.AdaptiveSpanAttention(width, num_heads, **attn_kw)
+    layer_cls = attention_lib.get(attention).cached_layer
+    self.attn = layer_cls(width, num_heads, causal=True, sharding=sharding, **kw,
+                          **attention_options)
     ln = dict(epsilon=1e-5, **kw)
     self.norm1 = nnx.LayerNorm(width, **ln)
-    self.all_attention = persistent_size > 0
-    if self.all_attention:  # the persistent vectors replace the feed-forward sublayer
+    # All-attention: the persistent vectors replace the feed-forward sublayer.
+    self.all_attention = layer_cls.replaces_feed_forward
+    if self.all_attention:
       self.ff = None
       self.norm2 = None
     else:
@@ -131,34 +125,36 @@ class TransformerSeq(nnx.Module):
       nb_heads, nb_layers).
     max_span: S, the attention span limit (`attn_span`).
     inner_size: the ff's hidden size (`inner_hidden_size`); default 4 * width.
-    ramp, span_init, span_loss: adaptive span's R, initial z/S and lambda
-      (`adapt_span_ramp`, `adapt_span_init`, `adapt_span_loss`).
-    adapt_span: learn spans (else a fixed span S, no mask).
-    adapt_cache: shrink caches with the trimmed window (`adapt_span_cache`).
-    persistent_size: N persistent vectors per head; > 0 makes all-attention layers.
-    dropout, emb_dropout: the authors' `dropout` and `emb_dropout`.
-    activation, alpha: pointwise attention h and alpha (`PointwiseSeqAttention`) instead
-      of the softmax; needs adapt_span=False and persistent_size=0.
+    dropout, emb_dropout: the authors' `dropout` (attention weights and ff) and
+      `emb_dropout`.
+    attention: a registered name with a layer over a segment cache
+      (`zoo.attention.names(cached=True)`); its `cached_layer` is built in every block.
+    attention_options: that layer's options besides max_span, attn_dropout and
+      shared_key_pe, which the model sets (see `attention_options`); e.g. for
+      adaptive_span ramp, span_init, span_loss, adapt_cache (the authors'
+      `adapt_span_ramp`, `adapt_span_init`, `adapt_span_loss`, `adapt_span_cache`), for
+      persistent_memory also persistent_size, for relu alpha.
+    sharding: a `zoo.parallel.Sharding` for the attention layers (with strategy `halo`
+      each block is split along its length over the mesh's `seq` axis).
 
-  From a config use `model_kwargs(model_config)` (attention name + options, see
-  `ATTENTIONS`), which `zoo.models.create` does for `name: transformer_seq`.
+  From a config use `model_kwargs(model_config)`, which `zoo.models.create` does for
+  `name: transformer_seq`.
   """
 
   def __init__(self, *, vocab_size: int, width: int, num_heads: int, depth: int,
-               max_span: int, inner_size: int | None = None, ramp: int = 32,
-               span_init: float = 0.0, span_loss: float = 0.0, adapt_span: bool = True,
-               adapt_cache: bool = False, persistent_size: int = 0, dropout: float = 0.0,
-               emb_dropout: float = 0.0, trim_granularity: int = span_lib.TRIM_GRANULARITY,
-               activation: str | None = None, alpha: float = 1.0,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if activation is not None and (adapt_span or persistent_size):
-      raise ValueError("pointwise attention (activation=...) takes a fixed span: it needs "
-                       "adapt_span=False and persistent_size=0")
+               max_span: int, inner_size: int | None = None, dropout: float = 0.0,
+               emb_dropout: float = 0.0, attention: str = "adaptive_span",
+               attention_options: Mapping[str, Any] | None = None,
+               sharding: Sharding | None = None, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if width % num_heads:
       raise ValueError(f"width {width} must be a multiple of num_heads {num_heads}")
+    options = attention_options_for(attention, attention_options, max_span=max_span,
+                                    dropout=dropout)
     self.vocab_size, self.width, self.num_heads, self.depth = vocab_size, width, num_heads, depth
     self.max_span, self.head_dim = max_span, width // num_heads
-    self.persistent_size = persistent_size
+    self.attention = attention
+    self.sharding = sharding
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.in_emb = nnx.Embed(vocab_size, width,
                             embedding_init=nnx.initializers.normal(stddev=1.0), **kw)
@@ -168,10 +164,8 @@ class TransformerSeq(nnx.Module):
     self.emb_dropout = nnx.Dropout(emb_dropout, rngs=rngs if emb_dropout else None)
     for i in range(depth):
       setattr(self, f"layers_{i}", TransformerSeqLayer(
-          width, num_heads, inner_size or 4 * width, max_span=max_span, ramp=ramp,
-          span_init=span_init, span_loss=span_loss, adapt_span=adapt_span,
-          adapt_cache=adapt_cache, persistent_size=persistent_size, dropout=dropout,
-          trim_granularity=trim_granularity, activation=activation, alpha=alpha, **kw))
+          width, num_heads, inner_size or 4 * width, attention=attention,
+          attention_options=options, dropout=dropout, sharding=sharding, **kw))
 
   def layers(self) -> list[TransformerSeqLayer]:
     return [getattr(self, f"layers_{i}") for i in range(self.depth)]
@@ -210,42 +204,55 @@ class TransformerSeq(nnx.Module):
     h = self.emb_dropout(h)
     return jax.nn.log_softmax(self.out_emb(h), axis=-1), next_caches
 
+  # -- Trainer hooks (see the trainer's "Model hooks"): the adaptive-span bookkeeping.
+
+  def regularization_loss(self) -> jax.Array:
+    """The summed span penalties, lambda * mean_heads(z) per layer (the authors'
+    `get_loss`); added to the training loss, not to evaluation. 0 without spans."""
+    return span_lib.span_penalty(self).astype(jnp.float32)
+
+  def after_update(self) -> None:
+    """Clamps the spans z/S to [0, 1] after every optimiser update (traced)."""
+    span_lib.clamp_spans(self)
+
+  def before_step(self) -> None:
+    """Host: the static trimmed windows (and adaptive cache sizes) from the current spans;
+    an `nnx.jit`ted step retraces when they change."""
+    span_lib.update_trim_lengths(self)
+
+  def checkpoint_state(self) -> dict[str, Any]:
+    return {"trim_lengths": span_lib.trim_lengths(self)}
+
+  def restore_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+    if "trim_lengths" in state:
+      span_lib.set_trim_lengths(self, state["trim_lengths"])
+
+  def host_metrics(self) -> dict[str, float]:
+    """The authors' span_avg / span_max (ramp included), also per layer; {} without spans."""
+    return span_lib.span_scalars(self)
+
+  def eval_report(self) -> dict[str, Any]:
+    """{"spans": learned spans z in tokens per layer and head} when spans are learned."""
+    spans = span_lib.spans_per_head(self)
+    return {"spans": spans} if spans else {}
+
 
 # ----------------------------------------------------------------------------------------
 # From a config: `attention` name + `attention_options` -> constructor arguments.
 
-_SPAN_OPTIONS = {"ramp": 32, "span_init": 0.0, "span_loss": 0.0, "adapt_cache": False,
-                 "trim_granularity": span_lib.TRIM_GRANULARITY}
-# attention name -> (options it accepts with their defaults, fixed constructor arguments).
-ATTENTIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "adaptive_span": (dict(_SPAN_OPTIONS), {"adapt_span": True, "persistent_size": 0}),
-    "persistent_memory": ({**_SPAN_OPTIONS, "persistent_size": 16, "adapt_span": True}, {}),
-    "softmax": ({}, {"adapt_span": False, "persistent_size": 0}),
-    "pointwise": ({"activation": "relu", "alpha": 1.0},
-                  {"adapt_span": False, "persistent_size": 0}),
-    **{name: ({"alpha": 1.0}, {"adapt_span": False, "persistent_size": 0, "activation": name})
-       for name in pointwise_lib.ACTIVATIONS},
-}
 # Model-level keys of a `transformer_seq` config besides name / attention / options.
 MODEL_KEYS = ("vocab_size", "width", "num_heads", "depth", "max_span", "inner_size",
               "dropout", "emb_dropout", "dtype", "param_dtype")
 REQUIRED_KEYS = ("vocab_size", "width", "num_heads", "depth", "max_span")
 
 
-def attention_option_defaults(attention: str) -> dict[str, Any]:
-  """The options `attention` takes in a TransformerSeq, with their defaults."""
-  if attention not in ATTENTIONS:
-    raise ValueError(f"transformer_seq attention must be one of {sorted(ATTENTIONS)}, "
-                     f"got {attention!r}")
-  return dict(ATTENTIONS[attention][0])
-
-
 def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
   """`TransformerSeq` keyword arguments from a config (validates it; no rngs, no dtypes).
 
-  The config holds `name: transformer_seq`, the `MODEL_KEYS`, `attention` (a key of
-  `ATTENTIONS`: adaptive_span, persistent_memory, softmax, pointwise or a pointwise
-  activation name such as relu) and `attention_options` (that attention's options only).
+  The config holds `name: transformer_seq`, the `MODEL_KEYS`, `attention` (a registered
+  name with a layer over a segment cache, `zoo.attention.names(cached=True)`:
+  adaptive_span, persistent_memory, softmax, pointwise or a pointwise activation name
+  such as relu) and `attention_options` (that layer's options, see `attention_options_for`).
   Softmax and pointwise attention use the same S-token window and cache with a fixed
   span (no mask).
   """
@@ -269,35 +276,10 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
   for key in ("dropout", "emb_dropout"):
     if not 0.0 <= float(config.get(key) or 0.0) < 1.0:
       raise ValueError(f"model.{key} must lie in [0, 1), got {config[key]!r}")
-  accepted, fixed = ATTENTIONS[attention] if attention in ATTENTIONS else (None, None)
-  if accepted is None:
-    attention_option_defaults(attention)  # raises with the list of names
-  bad = sorted(set(options) - set(accepted))
-  if bad:
-    raise ValueError(f"unknown option(s) {bad} for attention {attention!r} in "
-                     f"transformer_seq; accepted: {sorted(accepted)}")
-  kwargs = {**accepted, **{k: v for k, v in options.items() if v is not None}, **fixed}
-  if "activation" in kwargs:
-    pointwise_lib.check_options(kwargs["activation"], kwargs.get("alpha", 1.0), None)
-  if "persistent_size" in accepted and (not isinstance(kwargs["persistent_size"], int)
-                                        or kwargs["persistent_size"] < 1):
-    raise ValueError(f"persistent_size must be a positive int, got "
-                     f"{kwargs['persistent_size']!r}")
-  if kwargs.get("adapt_span"):
-    if not float(kwargs["ramp"]) > 0:
-      raise ValueError(f"ramp must be > 0, got {kwargs['ramp']!r}")
-    if not 0.0 <= float(kwargs["span_init"]) <= 1.0:
-      raise ValueError(f"span_init is z/S and must lie in [0, 1], got {kwargs['span_init']!r}")
-    if float(kwargs["span_loss"]) < 0:
-      raise ValueError(f"span_loss must be >= 0, got {kwargs['span_loss']!r}")
-  elif "span_loss" in kwargs and float(kwargs["span_loss"]):
-    raise ValueError("span_loss needs adapt_span=True (there is no span to penalise)")
-  if not isinstance(kwargs.get("trim_granularity", 1), int) or kwargs.get(
-      "trim_granularity", 1) < 1:
-    raise ValueError(f"trim_granularity must be a positive int, got "
-                     f"{kwargs['trim_granularity']!r}")
-  return {**{k: v for k, v in config.items() if v is not None}, **kwargs}
-
+  attention_options_for(attention, options, max_span=config["max_span"],
+                        dropout=config.get("dropout") or 0.0)
+  return {**{k: v for k, v in config.items() if v is not None}, "attention": attention,
+          "attention_options": {k: v for k, v in options.items() if v is not None}}
 
 def parameter_count(model_config: Mapping[str, Any]) -> int:
   """Parameters of the config's model, counted abstractly (`nnx.eval_shape`, no memory)."""
@@ -389,7 +371,8 @@ def load_authors_state_dict(model: TransformerSeq, npz_or_dict,
       put(layer.norm2.scale, f"{p}/norm2/weight")
       put(layer.norm2.bias, f"{p}/norm2/bias")
     span_prefixes = [f"{p}/attn/attn/adaptive_span/_mask"]
-    if attn.adapt_span:
+    learned = getattr(attn, "span", None) is not None
+    if learned:
       put(attn.span, f"{span_prefixes[0]}/current_val", lambda a: a.reshape(h))
     if layer.all_attention:
       pm = f"{p}/attn/attn/persistent_memory"
@@ -402,7 +385,7 @@ def load_authors_state_dict(model: TransformerSeq, npz_or_dict,
         if not np.allclose(take(tkey), template, rtol=0, atol=1e-12):
           raise ValueError(f"{tkey} is not linspace(1 - S, 0, S) for S = {model.max_span}")
       ckey = f"{prefix}/current_val"
-      if j > 0 and ckey in sd and attn.adapt_span:
+      if j > 0 and ckey in sd and learned:
         if not np.array_equal(take(ckey), sd[f"{span_prefixes[0]}/current_val"]):
           raise ValueError(f"{ckey} must equal the layer's span (one shared parameter)")
   if strict:
@@ -413,6 +396,6 @@ def load_authors_state_dict(model: TransformerSeq, npz_or_dict,
   return loaded
 
 
-__all__ = ["TransformerSeq", "TransformerSeqLayer", "FeedForwardLayer",
-           "PointwiseSeqAttention", "ATTENTIONS", "model_kwargs", "parameter_count",
-           "attention_option_defaults", "load_authors_state_dict"]
+__all__ = ["TransformerSeq", "TransformerSeqLayer", "FeedForwardLayer", "MODEL_KEYS",
+           "attention_options_for", "model_kwargs", "parameter_count",
+           "load_authors_state_dict"]

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from zoo.attention.softmax import SoftmaxAttention
+from zoo.parallel import Sharding
 from zoo.models.transformer import Encoder, MlpBlock
 
 # Table 2 of Zhai et al. 2022 (arXiv 2106.04560), as big_vision's `decode_variant`.
@@ -93,6 +94,7 @@ class ViT(nnx.Module):
       `attention_options` passed to it; an unset `max_len` option (AFT-full, AFT-local) is
       the number of tokens, (image_size / patch_size) ** 2, +1 with pool_type='tok'.
     in_channels: image channels (3 for RGB, 1 for the digits).
+    sharding: a `zoo.parallel.Sharding` for the blocks and attention layers (None: unsplit).
   """
 
   def __init__(self, variant: str | None = "S/16", *, num_classes: int = 1000,
@@ -102,8 +104,9 @@ class ViT(nnx.Module):
                width: int | None = None, depth: int | None = None,
                mlp_dim: int | None = None, num_heads: int | None = None,
                patch_size: int | None = None, rep_size: int | bool = False,
-               dropout: float = 0.0, head_zeroinit: bool = True, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dropout: float = 0.0, head_zeroinit: bool = True,
+               sharding: Sharding | None = None, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     spec = decode_variant(variant) if variant else {}
     given = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
                  patch_size=patch_size)
@@ -136,7 +139,8 @@ class ViT(nnx.Module):
     self.Transformer = Encoder(width, spec["depth"], spec["mlp_dim"], spec["num_heads"],
                                attention=attention, attention_options=attention_options,
                                causal=False, dropout=dropout,
-                               max_len=num_patches + (pool_type == "tok"), **kw)
+                               max_len=num_patches + (pool_type == "tok"), sharding=sharding,
+                               **kw)
     if pool_type == "map":
       self.MAPHead_0 = MAPHead(width, spec["mlp_dim"], spec["num_heads"], **kw)
     self.rep_size = int(width if rep_size is True else rep_size)

@@ -1,24 +1,13 @@
-"""Meshes, logical sharding rules and sequence-parallel attention."""
+"""Meshes, logical sharding rules and generic sequence-parallel building blocks.
 
-import importlib
+A leaf package: it imports nothing from `zoo.attention`. Each attention family builds its
+own strategies from `zoo.parallel.sequence`; `zoo.attention.sequence_parallel_attention`
+runs them.
+"""
 
-from zoo.parallel.mesh import (DEFAULT_RULES, FSDP_RULES, MESH_AXES, active, constrain,
-                               logical_to_spec, make_mesh, named_sharding, sharding_context)
+from zoo.parallel import sequence
+from zoo.parallel.mesh import (DEFAULT_RULES, FSDP_RULES, MESH_AXES, STRATEGIES, Sharding,
+                               constrain, logical_to_spec, make_mesh, named_sharding)
 
-# Every strategy name a family may implement (each family registers the ones it has):
-# gspmd / all_gather / ring for any attention, halo for families whose keys reach only a
-# bounded distance back (local windows, spans, convolutions).
-STRATEGIES = ("gspmd", "all_gather", "ring", "halo")
-
-
-def __getattr__(name):
-  # `sequence` imports the attention families, which import `mesh`: load it lazily.
-  if name in ("sequence_parallel_attention", "sequence"):
-    sequence = importlib.import_module("zoo.parallel.sequence")
-    return sequence if name == "sequence" else sequence.sequence_parallel_attention
-  raise AttributeError(name)
-
-
-__all__ = ["DEFAULT_RULES", "FSDP_RULES", "MESH_AXES", "STRATEGIES", "active", "constrain",
-           "logical_to_spec", "make_mesh", "named_sharding", "sequence_parallel_attention",
-           "sharding_context"]
+__all__ = ["DEFAULT_RULES", "FSDP_RULES", "MESH_AXES", "STRATEGIES", "Sharding", "constrain",
+           "logical_to_spec", "make_mesh", "named_sharding", "sequence"]

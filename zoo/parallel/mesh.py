@@ -1,19 +1,19 @@
-"""Device mesh, logical axis rules and the active sequence-parallel context.
+"""Device mesh, logical axis rules and the `Sharding` a model is built with.
 
 In MaxText's manner, arrays are annotated with logical axis names (`batch`, `seq`,
 `embed`, `heads`, `mlp`, `kv`, `vocab`) and a rules table maps each name to mesh axes:
 
     mesh axes:  data (batch replicas), fsdp (batch + parameter shards), seq (sequence)
 
-`sharding_context(mesh, rules, strategy)` makes a mesh active while a step is traced:
-activations are then constrained to their logical shardings and every attention layer
-runs `zoo.parallel.sequence_parallel_attention` with the named strategy.
+A `Sharding(mesh, rules, strategy)` is passed explicitly to the models (and from them to
+every block and attention layer) when they are built: activations are then constrained
+to their logical shardings, and with a `strategy` every attention layer runs split along
+the sequence (`zoo.attention.dispatch`). Nothing here is ambient: the same layer
+computes the same way wherever it is traced.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 from typing import Mapping, Sequence
@@ -23,6 +23,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "seq")
+
+# Every strategy name a family may implement (each family declares the ones it has):
+# gspmd / all_gather / ring for any attention, halo for families whose keys reach only a
+# bounded distance (local windows, spans, convolutions).
+STRATEGIES = ("gspmd", "all_gather", "ring", "halo")
 
 # Logical name -> mesh axes. Parameters use `embed` (sharded over fsdp when fsdp > 1);
 # activations use `batch` and `seq`.
@@ -84,45 +89,35 @@ def logical_to_spec(names: Sequence[str | None], rules=DEFAULT_RULES, mesh: Mesh
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardingContext:
+class Sharding:
+  """How a model's activations are laid out: a mesh, its logical rules, and the
+  sequence-parallel attention strategy (None: every attention layer runs unsplit)."""
   mesh: Mesh
-  rules: tuple
-  strategy: str | None  # sequence-parallel attention strategy, None: attention unsplit
+  rules: tuple = DEFAULT_RULES
+  strategy: str | None = None
+
+  def __post_init__(self):
+    if self.strategy is not None and self.strategy not in STRATEGIES:
+      raise ValueError(f"sequence-parallel strategy must be one of {STRATEGIES} (or None), "
+                       f"got {self.strategy!r}")
+    object.__setattr__(self, "rules", tuple(tuple(r) for r in self.rules))
 
 
-_ACTIVE: contextvars.ContextVar[ShardingContext | None] = contextvars.ContextVar(
-    "zoo_sharding_context", default=None)
-
-
-@contextlib.contextmanager
-def sharding_context(mesh: Mesh, rules=DEFAULT_RULES, strategy: str | None = None):
-  """Makes `mesh` active for model code traced inside (see module docstring)."""
-  token = _ACTIVE.set(ShardingContext(mesh, tuple(rules), strategy))
-  try:
-    yield
-  finally:
-    _ACTIVE.reset(token)
-
-
-def active() -> ShardingContext | None:
-  return _ACTIVE.get()
-
-
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """`with_sharding_constraint` by logical names under the active mesh; else a no-op."""
-  ctx = active()
-  if ctx is None:
+def constrain(x: jax.Array, names: Sequence[str | None],
+              sharding: Sharding | None) -> jax.Array:
+  """`with_sharding_constraint` by logical names; a no-op when `sharding` is None."""
+  if sharding is None:
     return x
-  spec = logical_to_spec(names, ctx.rules, ctx.mesh)
+  spec = logical_to_spec(names, sharding.rules, sharding.mesh)
   for dim, (name, axes) in enumerate(zip(names, spec)):
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    parts = math.prod(ctx.mesh.shape[a] for a in axes)
+    parts = math.prod(sharding.mesh.shape[a] for a in axes)
     if x.shape[dim] % parts:
       hint = ("; a ViT's token count includes the class token (pool_type 'tok'): use "
               "pool_type gap or map, or a patch grid that divides" if name == "seq" else "")
       raise ValueError(f"cannot shard the {name!r} dimension of size {x.shape[dim]} over "
                        f"mesh axes {axes} of total size {parts} (shape {x.shape}){hint}")
-  return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
 
 
 def named_sharding(mesh: Mesh, names: Sequence[str | None], rules=DEFAULT_RULES) -> NamedSharding:

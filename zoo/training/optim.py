@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -111,28 +110,8 @@ def adagrad_per_tensor_clip(learning_rate: float | Callable[[jax.Array], jax.Arr
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-_MADE: dict[tuple[str, int], optax.GradientTransformation] = {}
-
-
 def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
-  """The optimiser `config.optimizer` names (see the module docstring).
-
-  The same settings give the same transformation object, so that an `nnx.Optimizer`
-  built again in the same process (a resumed run, tests) has the same static structure
-  and reuses compiled steps.
-  """
-  try:
-    key = (json.dumps(dict(cfg), sort_keys=True, default=str), int(total_steps))
-  except TypeError:
-    return _make_optimizer(cfg, total_steps)
-  if key not in _MADE:
-    if len(_MADE) >= 16:
-      _MADE.clear()
-    _MADE[key] = _make_optimizer(cfg, total_steps)
-  return _MADE[key]
-
-
-def _make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
+  """The optimiser `config.optimizer` names (see the module docstring)."""
   name = _name(cfg)
   for key in ("lr",):
     if key not in cfg:

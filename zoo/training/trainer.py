@@ -1,18 +1,22 @@
 """The one trainer: config in, checkpoints and metrics in the workdir out.
 
-`train(config, workdir)` builds the model and optimiser, resumes from the newest
-checkpoint in the workdir (parameters, optimiser state and the data iterator's position),
-and runs to `config.total_steps` with a progress bar, JSONL + TensorBoard metrics,
-periodic evaluation and interval checkpoints. A non-finite loss stops the run before it
-can be checkpointed; SIGINT / SIGTERM save a checkpoint at the current step and stop.
+`train(config, workdir)` builds the model and optimiser on the mesh, resumes from the
+newest checkpoint in the workdir (parameters, optimiser state, the task's carried state
+and the data iterator's position), and runs to `config.total_steps` with a progress bar,
+JSONL + TensorBoard metrics, periodic evaluation and interval checkpoints. A non-finite
+loss stops the run before it can be checkpointed; SIGINT / SIGTERM save a checkpoint at
+the current step and stop.
 
-`task: segment_lm` (the adaptive-span `TransformerSeq`) also carries per-layer caches from
-step to step and checkpoints them; see `zoo/training/segment.py`.
+Every task runs through the same train step and eval loop: the task
+(`zoo.training.tasks`) says what a batch means and what is carried between batches, and
+the model's optional hooks (`regularization_loss`, `after_update`, `before_step`,
+`checkpoint_state`, `host_metrics`, `eval_report`; see `tasks`) add what the model needs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -30,14 +34,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from zoo import data as data_lib
 from zoo import models
 from zoo import parallel
-from zoo.attention import adaptive_span as span_lib
+from zoo.attention import registry
 from zoo.training import checkpoint as ckpt_lib
 from zoo.training import optim
-from zoo.training import segment as segment_lib
 from zoo.training import tasks
+from zoo.training.tasks import hook
+
+# The trainer's own keys in a checkpoint's metadata; the rest is the model's
+# `checkpoint_state`.
+_RUN_META = ("model", "task", "data")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,22 +56,35 @@ def _to_dict(cfg) -> dict:
   return json.loads(json.dumps(cfg))  # the same form as after a checkpoint's JSON round trip
 
 
+def _check_sequence_parallel(config, task) -> None:
+  """`config.sequence_parallel` must be a strategy of the attention layer the model runs
+  (for a segment model, the name's layer over the cache)."""
+  strategy = config.get("sequence_parallel")
+  if strategy is None:
+    return
+  attention = config.model.get("attention", "softmax")
+  family = registry.get(attention)
+  layer = family.cached_layer if task.cached_attention else family.layer
+  available = [s for s in parallel.STRATEGIES if s in layer.core.strategies]
+  if strategy not in available:
+    raise ValueError(f"config.sequence_parallel={strategy!r} is not a strategy of attention "
+                     f"{attention!r}; available: {', '.join(available) or 'none'}")
+
+
 def validate_config(config) -> None:
   """Fails early, with the offending key named, before any data or model is built."""
   for key in ("task", "data", "model", "batch_size", "total_steps", "optimizer"):
     if key not in config:
       raise ValueError(f"config.{key} is missing")
-  tasks.get(config.task)
+  task = tasks.get(config.task)
   models.validate(config.model)
-  want = tasks.MODEL_FOR_TASK[config.task]
-  if config.model.name != want:
-    if config.model.name in tasks.MODEL_FOR_TASK.values():
-      need = [t for t, m in tasks.MODEL_FOR_TASK.items() if m == config.model.name][0]
-      raise ValueError(f"task {config.task!r} needs model.name={want!r}, got "
-                       f"{config.model.name!r} (which trains with task {need!r})")
-    raise ValueError(f"task {config.task!r} needs model.name={want!r}, got {config.model.name!r}")
-  if config.task == "segment_lm":
-    segment_lib.validate(config)
+  if config.model.name != task.model:
+    trains = [t for t, m in tasks.MODEL_FOR_TASK.items() if m == config.model.name]
+    which = f" (which trains with task {trains[0]!r})" if trains else ""
+    raise ValueError(f"task {config.task!r} needs model.name={task.model!r}, got "
+                     f"{config.model.name!r}{which}")
+  task.validate(config)
+  _check_sequence_parallel(config, task)
   if int(config.total_steps) <= 0 or int(config.batch_size) <= 0:
     raise ValueError("config.total_steps and config.batch_size must be positive")
   if int(config.batch_size) % jax.process_count():
@@ -72,30 +92,34 @@ def validate_config(config) -> None:
                      f"{jax.process_count()}")
 
 
-def create_model(config, seed: int | None = None) -> nnx.Module:
+def create_model(config, seed: int | None = None,
+                 sharding: parallel.Sharding | None = None) -> nnx.Module:
+  """The config's model, laid out by `sharding` (None: one device, attention unsplit)."""
   seed = int(config.get("seed", 0) if seed is None else seed)
-  return models.create(config.model, nnx.Rngs(params=seed, dropout=seed + 1))
+  return models.create(config.model, nnx.Rngs(params=seed, dropout=seed + 1),
+                       sharding=sharding)
+
+
+def _eval_batch_size(config) -> int:
+  return int(config.get("eval_batch_size", config.batch_size))
 
 
 class Placement:
   """Where arrays live: the mesh, its logical rules and the sequence-parallel strategy.
 
   `config.mesh` (e.g. {"data": 2, "seq": 4}; default: all devices on `data`) and
-  `config.sequence_parallel` (None, "gspmd", "all_gather", "ring" or "halo"; each family
-  registers the ones it has). Parameters are
-  replicated, or with `mesh.fsdp > 1` sharded over `fsdp` along their largest divisible
-  dimension (big_vision's fsdp rule); batches are sharded over data/fsdp, and token
-  sequences also over `seq`.
+  `config.sequence_parallel` (None or one of the chosen attention's strategies) make
+  `self.sharding`, which the model is built with. Parameters are replicated, or with
+  `mesh.fsdp > 1` sharded over `fsdp` along their largest divisible dimension
+  (big_vision's fsdp rule); batches are sharded over data/fsdp, and token sequences also
+  over `seq`.
   """
 
   def __init__(self, config):
     self.mesh = parallel.make_mesh(config.get("mesh"))
-    self.strategy = config.get("sequence_parallel")
-    if self.strategy is not None and self.strategy not in parallel.STRATEGIES:
-      raise ValueError(f"config.sequence_parallel must be None or one of "
-                       f"{parallel.STRATEGIES}, got {self.strategy!r}")
     self.rules = parallel.DEFAULT_RULES + (
         parallel.FSDP_RULES if self.mesh.shape["fsdp"] > 1 else ())
+    self.sharding = parallel.Sharding(self.mesh, self.rules, config.get("sequence_parallel"))
 
   def check_batch_size(self, batch_size: int, what: str) -> None:
     replicas = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -103,10 +127,6 @@ class Placement:
       raise ValueError(f"{what} {batch_size} does not divide by the mesh's data x fsdp = "
                        f"{replicas} batch shards (mesh {dict(self.mesh.shape)}); set "
                        f"config.mesh or the batch size")
-
-  def context(self):
-    """Active while steps are traced: activation constraints and split attention."""
-    return parallel.sharding_context(self.mesh, self.rules, self.strategy)
 
   def _param_sharding(self, x):
     n = self.mesh.shape["fsdp"]
@@ -139,18 +159,16 @@ class Placement:
             for k, v in batch.items()}
 
 
-def _state_to_save(model, optimizer, caches=None) -> dict:
+def _state_to_save(model, optimizer, task, carry) -> dict:
   """Parameters and optimiser state as plain nested dicts (stable across Flax versions),
-  and a segment LM's caches."""
-  state = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-           "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
-  if caches is not None:
-    state["caches"] = segment_lib.caches_to_tree(caches)
-  return state
+  and the task's carried state."""
+  return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+          "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
+          **task.carry_to_save(carry)}
 
 
-def _apply_state(model, optimizer, restored) -> list | None:
-  """Puts restored parameters (and optimiser state) in place; returns restored caches."""
+def _apply_state(model, optimizer, restored) -> None:
+  """Puts restored parameters (and optimiser state, unless `optimizer` is None) in place."""
   params = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(params, restored["params"])
   nnx.update(model, params)
@@ -158,65 +176,114 @@ def _apply_state(model, optimizer, restored) -> list | None:
     opt_state = nnx.state(optimizer)
     nnx.replace_by_pure_dict(opt_state, restored["optimizer"])
     nnx.update(optimizer, opt_state)
-  if "caches" in restored:
-    return segment_lib.caches_from_tree(restored["caches"])
-  return None
 
 
-def make_train_step(task: str, state_shardings=None):
-  """`train_step(model, optimizer, batch, dropout_key) -> (loss, aux)`, updating in place.
+def _abstract(x):
+  """An abstract array (shape, dtype, sharding) to restore onto."""
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  return x
 
-  With `state_shardings`, the updated state is constrained to them (parameters stay
+
+def _restore_model_state(model, meta: dict) -> None:
+  """The model's host state (`checkpoint_state`) saved in a checkpoint's metadata."""
+  hook(model, "restore_checkpoint_state", {k: v for k, v in meta.items() if k not in _RUN_META})
+
+
+def training_loss(task, model, batch, carry):
+  """(objective, (aux, next carry)): the task's loss plus the model's
+  `regularization_loss` when it has one (logged as `aux[task.regularization_metric]`;
+  never part of evaluation)."""
+  loss, aux, carry = task.loss(model, batch, carry)
+  penalty = hook(model, "regularization_loss")
+  if penalty is not None:
+    penalty = penalty.astype(jnp.float32)
+    loss, aux = loss + penalty, {**aux, task.regularization_metric: penalty}
+  return loss, (aux, carry)
+
+
+def loss_and_grads(task, model, batch, carry, dropout_key):
+  """(objective, aux, next carry, gradients): what a train step computes before its update."""
+  nnx.reseed(model, dropout=dropout_key)
+  (loss, (aux, carry)), grads = nnx.value_and_grad(
+      lambda m: training_loss(task, m, batch, carry), has_aux=True)(model)
+  return loss, aux, carry, grads
+
+
+def make_train_step(task, state_shardings=None):
+  """`train_step(model, optimizer, batch, carry, dropout_key) -> (loss, aux, next carry)`,
+  updating the model and optimiser in place.
+
+  After the update the model's `after_update` hook runs (inside the step). With
+  `state_shardings`, the updated state is constrained to them (parameters stay
   replicated or FSDP-sharded as placed).
   """
-  loss_fn, _ = tasks.get(task)
-
   @nnx.jit
-  def train_step(model, optimizer, batch, dropout_key):
-    nnx.reseed(model, dropout=dropout_key)
-    (loss, aux), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch), has_aux=True)(model)
+  def train_step(model, optimizer, batch, carry, dropout_key):
+    loss, aux, carry, grads = loss_and_grads(task, model, batch, carry, dropout_key)
     optimizer.update(model, grads)
+    hook(model, "after_update")
     if state_shardings is not None:
       nodes = (model, optimizer)
       nnx.update(nodes, jax.lax.with_sharding_constraint(nnx.state(nodes), state_shardings))
-    return loss, {**aux, "grad_norm": optax.tree.norm(grads)}
+    return loss, {**aux, "grad_norm": optax.tree.norm(grads)}, carry
 
   return train_step
 
 
-def make_eval_step(task: str):
-  _, sums_fn = tasks.get(task)
-  return nnx.jit(lambda model, batch: sums_fn(model, batch))
+def make_eval_step(task):
+  """`eval_step(model, batch, carry) -> (sums, next carry)`."""
+  return nnx.jit(task.eval_sums)
+
+
+def _length(batches) -> int | None:
+  try:
+    return len(batches)
+  except TypeError:
+    return None
 
 
 def evaluate(model, config, split: str, *, max_batches: int | None = None,
              eval_step=None, progress: bool = False, placement: Placement | None = None) -> dict:
-  """Evaluates `model` on `split` (one ordered pass; every example counted once)."""
+  """Evaluates `model` on `split`: one ordered pass, every example counted once.
+
+  `max_batches` limits the pass to its first batches (for the segment LM, a prefix of
+  every row). The model's `before_step` hook runs first (TransformerSeq: the trimmed
+  windows follow the current spans) and its `checkpoint_state` is put back afterwards, so
+  evaluation inside a training run does not change the run. Returns the task's metrics
+  and the model's `eval_report` (TransformerSeq: the learned `spans`).
+  """
+  task = tasks.get(config.task)
   placement = placement or Placement(config)
-  if config.task == "segment_lm":
-    return segment_lib.evaluate(model, config, split, placement=placement,
-                                max_batches=max_batches, eval_step=eval_step,
-                                progress=progress)
-  eval_step = eval_step or make_eval_step(config.task)
-  batch_size = int(config.get("eval_batch_size", config.batch_size))
-  it = data_lib.make_iterator(config.data, split, batch_size=batch_size, train=False,
-                              seed=int(config.get("seed", 0)))
+  eval_step = eval_step or make_eval_step(task)
+  batch_size = _eval_batch_size(config)
+  placement.check_batch_size(batch_size, "config.eval_batch_size")
+  batches = task.eval_iterator(config, split, batch_size)
+  total = _length(batches)
+  if max_batches is not None:
+    batches = itertools.islice(batches, max_batches)
+    total = max_batches if total is None else min(total, max_batches)
+  saved = hook(model, "checkpoint_state")
+  hook(model, "before_step")
   model.eval()
+  carry = task.init_carry(model, batch_size, placement.sharding)
   totals: dict[str, float] = {}
-  bar = tqdm(desc=f"eval {split}", unit="batch", disable=not progress, leave=False)
-  for i, batch in enumerate(it):
-    if max_batches is not None and i >= max_batches:
-      break
-    with placement.context():
-      sums = jax.device_get(eval_step(model, placement.batch(batch)))
-    for k, v in sums.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-    bar.update()
-  bar.close()
-  model.train()
-  if not totals:
-    raise ValueError(f"split {split!r} of {config.data.name!r} gave no evaluation batches")
-  return tasks.finalize_eval(config.task, totals)
+  bar = tqdm(total=total, desc=f"eval {split}", unit="batch", disable=not progress,
+             leave=False)
+  try:
+    for batch in batches:
+      sums, carry = eval_step(model, placement.batch(batch), carry)
+      for k, v in jax.device_get(sums).items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+      bar.update()
+  finally:
+    bar.close()
+    model.train()
+    if saved is not None:
+      hook(model, "restore_checkpoint_state", saved)
+  if not totals.get("count"):
+    raise ValueError(f"split {split!r} of {config.data.name!r} gave nothing to evaluate")
+  return {**task.finalize(totals), **hook(model, "eval_report", default={})}
 
 
 class _MetricWriter:
@@ -269,8 +336,50 @@ def _stop_on_signals():
       signal.signal(s, h)
 
 
-def _eval_split(config) -> str:
-  return config.get("eval_split", "validation" if config.task == "lm" else "test")
+class _LossWindow:
+  """The training losses, checked one step late (so dispatch stays asynchronous), and
+  their mean and throughput over the logging window."""
+
+  def __init__(self, checkpointer, start_step: int):
+    self.checkpointer = checkpointer
+    self.last_good_step = start_step
+    self.pending = None  # (step, loss, aux) of the last step, not yet read back
+    self.aux: dict[str, float] = {}
+    self._reset()
+
+  def _reset(self):
+    self.losses, self.examples, self.start = [], 0, time.perf_counter()
+
+  def add(self, step: int, loss, aux, examples: int) -> None:
+    self.check()
+    self.pending = (step, loss, aux)
+    self.examples += examples
+
+  def check(self) -> None:
+    """Reads the pending step's loss back; raises if it is not finite."""
+    if self.pending is None:
+      return
+    step, loss, aux = self.pending
+    self.pending = None
+    loss = float(loss)
+    if not np.isfinite(loss):
+      raise NonFiniteLossError(
+          f"the training loss became {loss} at step {step}. Nothing after step "
+          f"{self.last_good_step} was checkpointed; the last good checkpoint "
+          f"({self.checkpointer.latest_step()}) is kept in {self.checkpointer.directory}. "
+          f"Try a lower optimizer.lr, more warmup, gradient clipping or float32 compute.")
+    self.last_good_step = step
+    self.losses.append(loss)
+    self.aux = {k: float(v) for k, v in aux.items()}
+
+  def scalars(self, lr: float) -> dict[str, float]:
+    """The window's train/ scalars (after `check`); starts the next window."""
+    elapsed = time.perf_counter() - self.start
+    out = {"train/loss": float(np.mean(self.losses)), "train/lr": lr,
+           **{f"train/{k}": v for k, v in self.aux.items()},
+           "train/examples_per_sec": self.examples / max(elapsed, 1e-9)}
+    self._reset()
+    return out
 
 
 def train(config, workdir: str, *, stop_at_step: int | None = None,
@@ -288,131 +397,84 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
     {"step": last step, "status": "done" | "interrupted", "eval": last eval metrics}.
   """
   validate_config(config)
+  task = tasks.get(config.task)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  model_config = _to_dict(config.model)
-  meta = {"model": model_config, "task": config.task, "data": config.data.name}
-  total_steps = int(config.total_steps)
+  total_steps, batch_size = int(config.total_steps), int(config.batch_size)
+  meta = {"model": _to_dict(config.model), "task": config.task, "data": config.data.name}
 
   checkpointer = ckpt_lib.Checkpointer(workdir, every=int(config.get("checkpoint_every", 1000)),
                                        keep=int(config.get("keep_checkpoints", 3)))
   start_step = checkpointer.latest_step() or 0
   saved_meta = checkpointer.read_meta(start_step) if start_step else {}
   if start_step:  # refuse a different model before building anything
-    ckpt_lib.check_compatible(saved_meta, model_config, config.task, checkpointer.directory)
-  segment = config.task == "segment_lm"
+    ckpt_lib.check_compatible(saved_meta, meta["model"], config.task, checkpointer.directory)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(_to_dict(config), f, indent=1)
 
   placement = Placement(config)
-  placement.check_batch_size(int(config.batch_size), "config.batch_size")
-  placement.check_batch_size(int(config.get("eval_batch_size", config.batch_size)),
-                             "config.eval_batch_size")
-  model = create_model(config)
-  tx = optim.make_optimizer(config.optimizer, total_steps)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  placement.check_batch_size(batch_size, "config.batch_size")
+  placement.check_batch_size(_eval_batch_size(config), "config.eval_batch_size")
+  model = create_model(config, sharding=placement.sharding)
+  optimizer = nnx.Optimizer(model, optim.make_optimizer(config.optimizer, total_steps),
+                            wrt=nnx.Param)
   state_shardings = placement.put((model, optimizer))
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
-  caches = None
-  if segment:
-    train_iter = data_lib.pipeline.make_segment_iterator(
-        config.data, "train", batch_size=int(config.batch_size),
-        block_len=segment_lib.block_len(config), train=True, seed=int(config.get("seed", 0)))
-    if start_step:  # the trim lengths in force fix the cache shapes to restore onto
-      segment_lib.set_trim_lengths(model, saved_meta["trim_lengths"])
-    caches = segment_lib.init_caches(model, int(config.batch_size), placement)
-  else:
-    train_iter = data_lib.make_iterator(config.data, "train", batch_size=int(config.batch_size),
-                                        train=True, seed=int(config.get("seed", 0)))
+  train_iter = task.train_iterator(config)
+  if start_step:  # the model's saved host state fixes the carried state's shapes
+    _restore_model_state(model, saved_meta)
+  carry = task.init_carry(model, batch_size, placement.sharding)
   if start_step:
-    abstract = jax.tree.map(ocp_abstract, _state_to_save(model, optimizer, caches))
-    caches = _apply_state(model, optimizer,
-                          checkpointer.restore(start_step, abstract, train_iter))
-  trim_every = int(config.get("trim_every", 1))
+    restored = checkpointer.restore(
+        start_step, jax.tree.map(_abstract, _state_to_save(model, optimizer, task, carry)),
+        train_iter)
+    _apply_state(model, optimizer, restored)
+    carry = task.carry_from_saved(restored)
 
-  if segment:
-    train_step = segment_lib.make_train_step(state_shardings)
-    eval_step = segment_lib.make_eval_step()
-  else:
-    train_step = make_train_step(config.task, state_shardings)
-    eval_step = make_eval_step(config.task)
+  train_step = make_train_step(task, state_shardings)
+  eval_step = make_eval_step(task)
   writer = _MetricWriter(workdir, enabled=is_main)
   dropout_base = jax.random.key(int(config.get("seed", 0)) + 2)
   log_every = int(config.get("log_every", 50))
   eval_every = int(config.get("eval_every", 0))
-  eval_batches = config.get("eval_batches", None)
+  eval_split = config.get("eval_split", task.eval_split)
+  losses = _LossWindow(checkpointer, start_step)
   last_eval: dict = {}
   status = "done"
   step = start_step
-  last_good_step = start_step
-
   bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
              disable=not (progress and is_main), dynamic_ncols=True, mininterval=1.0)
-  window_loss, window_examples, window_start = [], 0, time.perf_counter()
-  pending = None  # (step, loss, aux) of the last step, read one step late to keep dispatch async
-
-  def check(entry):
-    nonlocal last_good_step
-    s, loss, aux = entry
-    loss = float(loss)
-    if not np.isfinite(loss):
-      raise NonFiniteLossError(
-          f"the training loss became {loss} at step {s}. Nothing after step "
-          f"{last_good_step} was checkpointed; the last good checkpoint "
-          f"({checkpointer.latest_step()}) is kept in {checkpointer.directory}. Try a lower "
-          f"optimizer.lr, more warmup, gradient clipping or float32 compute.")
-    last_good_step = s
-    return loss, {k: float(v) for k, v in aux.items()}
-
   try:
     with _stop_on_signals() as stop:
       while step < total_steps:
         batch = next(train_iter)
-        key = jax.random.fold_in(dropout_base, step)
-        if segment:
-          if step % trim_every == 0:  # host: static window sizes from the current spans
-            span_lib.update_trim_lengths(model)
-          with placement.context():
-            loss, aux, caches = train_step(model, optimizer, placement.batch(batch), caches,
-                                           key)
-        else:
-          with placement.context():
-            loss, aux = train_step(model, optimizer, placement.batch(batch), key)
+        task.before_step(model, config, step)
+        loss, aux, carry = train_step(model, optimizer, placement.batch(batch), carry,
+                                      jax.random.fold_in(dropout_base, step))
         step += 1
-        if pending is not None:
-          lval, avals = check(pending)
-          window_loss.append(lval)
-        pending = (step, loss, aux)
-        window_examples += tasks.example_count(config.task, batch)
+        losses.add(step, loss, aux, task.examples(batch))
 
         stopping = stop.is_set() or (stop_at_step is not None and step >= stop_at_step)
         save_now = stopping or step == total_steps or step % checkpointer.every == 0
         if save_now or step % log_every == 0:
-          lval, avals = check(pending)  # synchronous: never checkpoint an unchecked state
-          window_loss.append(lval)
-          pending = None
+          losses.check()  # synchronous: never checkpoint an unchecked state
         if step % log_every == 0 or step == total_steps:
-          elapsed = time.perf_counter() - window_start
-          scalars = {"train/loss": float(np.mean(window_loss)), "train/lr": float(schedule(step - 1)),
-                     **{f"train/{k}": v for k, v in avals.items()},
-                     "train/examples_per_sec": window_examples / max(elapsed, 1e-9)}
-          if segment:
-            scalars.update({f"train/{k}": v for k, v in segment_lib.span_scalars(model).items()})
+          scalars = losses.scalars(float(schedule(step - 1)))
+          scalars.update({f"train/{k}": v
+                          for k, v in hook(model, "host_metrics", default={}).items()})
           writer.write(step, scalars)
           bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
                           ex_s=f"{scalars['train/examples_per_sec']:.0f}")
-          window_loss, window_examples, window_start = [], 0, time.perf_counter()
         if eval_every and (step % eval_every == 0 or step == total_steps):
-          last_eval = evaluate(model, config, _eval_split(config), max_batches=eval_batches,
+          last_eval = evaluate(model, config, eval_split, max_batches=config.get("eval_batches"),
                                eval_step=eval_step, placement=placement)
           writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()
                               if isinstance(v, (int, float))})
           bar.write(f"step {step}: eval {json.dumps(last_eval)}")
         if save_now:
-          if segment:
-            meta = {**meta, "trim_lengths": segment_lib.trim_lengths(model)}
-          checkpointer.save(step, _state_to_save(model, optimizer, caches), train_iter, meta,
+          checkpointer.save(step, _state_to_save(model, optimizer, task, carry), train_iter,
+                            {**meta, **hook(model, "checkpoint_state", default={})},
                             force=stopping or step == total_steps)
         bar.update()
         if stopping and step < total_steps:
@@ -425,13 +487,6 @@ def train(config, workdir: str, *, stop_at_step: int | None = None,
     checkpointer.close()
     writer.close()
   return {"step": step, "status": status, "eval": last_eval}
-
-
-def ocp_abstract(x):
-  """An abstract array (shape, dtype, sharding) to restore onto."""
-  if isinstance(x, jax.Array):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-  return x
 
 
 def restore_model(config, workdir: str, step: int | None = None):
@@ -447,12 +502,15 @@ def restore_model(config, workdir: str, step: int | None = None):
     if step not in steps:
       raise FileNotFoundError(f"no checkpoint at step {step} in {checkpointer.directory}; "
                               f"available steps: {steps}")
-    ckpt_lib.check_compatible(checkpointer.read_meta(step), _to_dict(config.model),
-                              config.task, checkpointer.directory)
-    model = create_model(config)
-    Placement(config).put(model)
-    abstract = jax.tree.map(ocp_abstract, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))})
+    meta = checkpointer.read_meta(step)
+    ckpt_lib.check_compatible(meta, _to_dict(config.model), config.task,
+                              checkpointer.directory)
+    placement = Placement(config)
+    model = create_model(config, sharding=placement.sharding)
+    placement.put(model)
+    _restore_model_state(model, meta)
     # Parameters only: evaluation needs no optimiser state.
+    abstract = jax.tree.map(_abstract, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))})
     _apply_state(model, None, checkpointer.restore(step, abstract, partial=True))
   finally:
     checkpointer.close()

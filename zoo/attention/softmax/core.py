@@ -9,9 +9,6 @@ import jax
 import jax.numpy as jnp
 
 from zoo.attention import masking
-from zoo.attention import registry
-from zoo.attention.heads import MultiHeadDotProductAttention
-
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 
@@ -45,20 +42,3 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool 
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                       implementation=implementation)
-
-
-class SoftmaxAttention(MultiHeadDotProductAttention):
-  """Multi-head softmax attention with the shared projections (see `heads.py`)."""
-
-  def __init__(self, width: int, num_heads: int, *, causal: bool = False, **kwargs):
-    super().__init__(width, num_heads, causal=causal, **kwargs)
-
-  sequence_parallel_core = "softmax"
-
-  def attend(self, q, k, v, *, mask=None):
-    return softmax_attention(q, k, v, causal=self.causal, mask=mask)
-
-
-registry.register(
-    "softmax", SoftmaxAttention, supports_causal=True,
-    description="softmax(q.k/sqrt(d)) via jax.nn.dot_product_attention")

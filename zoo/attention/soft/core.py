@@ -1,9 +1,10 @@
-"""SOFT: softmax-free attention, Lu et al. (NeurIPS 2021, arXiv 2110.11945).
+"""SOFT's functional core: Gaussian kernel, Nystrom form, Newton-Schulz inverse, landmarks.
 
-The zoo follows the authors' code (fudan-zvg/SOFT, `models/softmax_free_transformer.py`,
-`SOFT/kernel/inverse.py`) by default; the paper's choices are options. Equation numbers
-below are those of the NeurIPS version as we recall them (Sec. 3.2, 3.3); they were not
-re-checked against the PDF here.
+Lu et al., "SOFT: Softmax-free Transformer with Linear Complexity" (NeurIPS 2021, arXiv
+2110.11945). The zoo follows the authors' code (fudan-zvg/SOFT,
+`models/softmax_free_transformer.py`, `SOFT/kernel/inverse.py`) by default; the paper's
+choices are options. Equation numbers below are those of the NeurIPS version as we recall
+them (Sec. 3.2, 3.3); they were not re-checked against the PDF here.
 
 Attention matrix (Sec. 3.2, Eq. 2): a Gaussian kernel instead of softmax, with the query and
 key projections tied (K = Q) so that the matrix is symmetric positive semi-definite,
@@ -29,9 +30,11 @@ Exactly what the zoo computes (each difference from the paper is listed at the e
    * `landmarks="conv"` (authors' code): L = GELU_exact(LayerNorm_d(Conv_kxk,stride k(Q/d^{1/4}))),
      the convolution shared across heads and applied per head on its d channels, no
      bias; LayerNorm over head_dim (epsilon 1e-5, PyTorch's default). Because of the
-     LayerNorm, the landmarks' scale does not depend on d, while Q's does.
-   * `landmarks="pool"` (paper): L = AvgPool_kxk,stride k(Q/d^{1/4}) = AvgPool(Q) / d^{1/4},
-     so K1 is exactly Eq. 2's kernel between the queries and the pooled queries.
+     LayerNorm, the landmarks' scale does not depend on d, while Q's does. The layer
+     (`SoftAttention.make_landmarks`) holds its parameters.
+   * `landmarks="pool"` (paper): L = AvgPool_kxk,stride k(Q/d^{1/4}) = AvgPool(Q) / d^{1/4}
+     (`pool_landmarks`), so K1 is exactly Eq. 2's kernel between the queries and the
+     pooled queries.
    A grid whose sides are not multiples of k is floored (the trailing rows / columns do
    not contribute to any landmark), as PyTorch's unpadded stride-k Conv2d / AvgPool2d.
 3. K1 = exp(-|Q/d^{1/4} - L|^2 / 2) [n, m] and K2 = exp(-|L - L|^2 / 2) [m, m], both in the
@@ -48,9 +51,9 @@ Exactly what the zoo computes (each difference from the paper is listed at the e
    `differentiate_iterations=True` differentiates through the iterations instead.
    The iterations and the kernels are computed in at least float32, the Newton matmuls
    at `Precision.HIGHEST` (they are m x m, cheap, and Newton-Schulz amplifies rounding).
-6. Module: out_proj(out + DWConv_cxc(V)), the depthwise convolution on V (authors' code,
+6. The layer adds a depthwise convolution on V: out + DWConv_cxc(V) (authors' code,
    `conv_size` = 3; one filter per head shared by that head's d channels, zero padding
-   "same", no bias); `conv_size=0` removes it.
+   "same", no bias); `conv_size=0` removes it. `soft_core` takes it as `value_conv_fn`.
 
 Differences from the paper (all defaults follow the code):
 * Landmarks: the paper's average pooling is `landmarks="pool"`; the default "conv" adds a
@@ -69,43 +72,29 @@ Differences from the paper (all defaults follow the code):
 
 Masks: SOFT has no masked form. The landmarks pool over the whole patch grid, so every
 token must be a real patch; a padding mask would need masked pooling that neither the
-paper nor the code defines. The module raises ValueError if `mask` is passed. It has no
-causal form either (K1^T V mixes all positions): registered with `supports_causal=False`.
-
-Sequence parallelism: under a sharding context with a strategy (`config.sequence_parallel`
-with `mesh.seq > 1`), `SoftAttention` runs `zoo.parallel.sequence_soft` (`all_gather`:
-landmarks from each shard's own grid rows, gathered; K1^T V psum'd; the convolution on V
-gets its neighbours' boundary rows by ppermute; or `gspmd`), passing its landmark and
-convolution functions. The rows per shard must be a multiple of `ratio` (see that module).
-
-Parameter mapping to the authors' `SoftmaxFreeAttention` (PyTorch `Linear.weight` is
-[out, in], `Conv2d.weight` is [out, in, kh, kw]):
-
-    query/kernel [width, H, d]       = W_q.weight.T.reshape(width, H, d)   (tied q and k)
-    query/bias [H, d]                = W_q.bias.reshape(H, d)
-    value/kernel, value/bias         = W_v, the same way
-    out/kernel [H, d, width]         = ff.weight.T.reshape(H, d, width)
-    out/bias [width]                 = ff.bias
-    landmark_conv/kernel [k, k, d, d] = attn.Qlandmark_op.weight.transpose(2, 3, 1, 0)
-    landmark_norm/scale, /bias [d]   = attn.Qnorm_act[0].weight, .bias
-    value_conv/kernel [c, c, 1, H]   = attn.conv.weight.transpose(2, 3, 1, 0)
+paper nor the code defines (`check_no_mask`). It has no causal form either (K1^T V mixes
+all positions).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import numbers
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from zoo.attention import registry
-from zoo.parallel import mesh as mesh_lib
+from zoo.attention.options import nonnegative_number
 
 LANDMARKS = ("conv", "pool")
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+NO_CAUSAL_FORM = ("attention 'soft' (SOFT) has no causal form: its landmarks pool the whole "
+                  "2-D patch grid and K1^T V mixes all positions, so it cannot be used in a "
+                  "causal language model")
+NO_MASKS = ("SOFT attention does not support attention masks: its landmarks pool over the "
+            "whole patch grid, so every token must be a real patch (pass mask=None)")
 
 
 # ----------------------------------------------------------------------------- options
@@ -119,9 +108,7 @@ def check_newton_options(num_iters, ridge) -> None:
   """Raises ValueError naming the bad option."""
   if not _is_int(num_iters) or num_iters < 0:
     raise ValueError(f"num_iters must be an int >= 0, got {num_iters!r}")
-  if (isinstance(ridge, bool) or not isinstance(ridge, numbers.Real)
-      or not math.isfinite(ridge) or ridge < 0):
-    raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+  nonnegative_number("ridge", ridge)
 
 
 def check_options(*, landmarks, ratio, conv_size, num_iters, ridge) -> None:
@@ -154,6 +141,37 @@ def check_grid(grid, length: int, ratio: int) -> tuple[int, int]:
     raise ValueError(f"grid {rows}x{cols} is smaller than the landmark ratio {ratio}: no "
                      f"landmark fits")
   return rows, cols
+
+
+def check_no_mask(mask) -> None:
+  if mask is not None:
+    raise ValueError(NO_MASKS)
+
+
+def check_tied(q, k) -> None:
+  if k is not q:
+    raise ValueError("SOFT ties keys to queries (K = Q): pass the same array as q and k")
+
+
+def check_call(q, k, *, causal, grid, ratio, landmarks, landmark_fn, conv_size,
+               value_conv_fn) -> tuple[int, int]:
+  """The checks `soft_core` and its sequence-parallel strategies share; returns the grid.
+
+  K = Q: the keys must be the very array passed as the queries (the layer and
+  `zoo.attention.sequence_parallel_attention(q, q, v, ...)` do so)."""
+  if causal:
+    raise ValueError("attention 'soft' (SOFT) has no causal form")
+  check_tied(q, k)
+  if landmark_fn is None and landmarks != "pool":
+    raise ValueError(f"landmarks={landmarks!r} needs learned parameters: pass landmark_fn "
+                     f"(SoftAttention does), or use landmarks='pool'")
+  if value_conv_fn is None and conv_size:
+    raise ValueError("conv_size > 0 needs the depthwise filters: pass value_conv_fn "
+                     "(SoftAttention does), or conv_size=0")
+  if value_conv_fn is not None and not conv_size:
+    raise ValueError("value_conv_fn needs conv_size, its kernel size (the halo is "
+                     "conv_size // 2 rows)")
+  return check_grid(grid, q.shape[1], ratio)
 
 
 # ----------------------------------------------------------------------- Newton inverse
@@ -260,7 +278,7 @@ def soft_attention(q: jax.Array, v: jax.Array, landmarks: jax.Array, *,
 
   Scaling, exactly: this function divides `q` by d^{1/4} (d = head_dim); `landmarks` are
   used as given. So pass landmarks computed from the *rescaled* queries q / d^{1/4}
-  (`pool_landmarks(q * query_scale(d), grid, k)`, or the module's conv + LayerNorm +
+  (`pool_landmarks(q * query_scale(d), grid, k)`, or the layer's conv + LayerNorm +
   GELU on them), never rescaled again; then
 
     K1 = exp(-|q_i / d^{1/4} - l_j|^2 / 2)  [n, m],   K2 = exp(-|l_i - l_j|^2 / 2)  [m, m],
@@ -330,127 +348,88 @@ def pool_landmarks(q: jax.Array, grid: tuple[int, int], ratio: int) -> jax.Array
   return x.reshape(b, r * c, h, d)
 
 
-# ------------------------------------------------------------------------------ module
+def landmark_maker(landmark_fn: Callable | None, ratio: int) -> Callable:
+  """`landmark_fn(q_scaled, grid)`, or the paper's pooled landmarks when it is None."""
+  if landmark_fn is not None:
+    return landmark_fn
+  return lambda q_scaled, grid: pool_landmarks(q_scaled, grid, ratio)
 
 
-class SoftAttention(nnx.Module):
-  """Multi-head SOFT attention over ViT patch tokens (see the module docstring).
+def scaled_queries(q: jax.Array) -> jax.Array:
+  """q / d^{1/4} in q's dtype: what the landmarks are computed from."""
+  return q * jnp.asarray(query_scale(q.shape[-1]), q.dtype)
 
-  Parameters: `query` (tied q/k, the authors' W_q), `value` (W_v), `out` (ff), and with
-  `landmarks="conv"` `landmark_conv` (Qlandmark_op) and `landmark_norm` (Qnorm_act[0]);
-  with `conv_size > 0`, `value_conv` (attn.conv).
 
-  Options:
-    landmarks: "conv" (authors' code, default) or "pool" (paper).
-    ratio: k, the landmark window and stride on the patch grid (m = (rows//k)(cols//k)).
-    conv_size: c of the depthwise c x c convolution on V added to the output; 0 disables.
-    num_iters, ridge, differentiate_iterations: of `newton_inverse`.
-    use_bias: biases of the q/k, v and output projections (the authors' have them).
+def soft_core(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+              mask: jax.Array | None = None, grid=None, ratio: int = 2,
+              landmarks: str = "pool", conv_size: int = 0, num_iters: int = 20,
+              ridge: float = 0.01, differentiate_iterations: bool = False,
+              landmark_fn: Callable | None = None, value_conv_fn: Callable | None = None,
+              precision=None) -> jax.Array:
+  """SOFT as an attention core, `fn(q, k, v, *, causal, mask, **options)`, on one device.
 
-  Called as `module(x, grid=(rows, cols))` on `[batch, rows*cols, width]` patch tokens in
-  row-major order; `mask` must be None (ValueError otherwise); `grid` is required.
+  out = soft_attention(q, v, L) (+ value_conv_fn(v, grid)), with the landmarks
+  L = landmark_fn(q / d^{1/4}, grid), or the paper's k x k average pooling of q / d^{1/4}
+  (`landmarks="pool"`, k = `ratio`) when `landmark_fn` is None.
+
+  Args:
+    q: `[batch, rows*cols, heads, d]`, the tied query/key projection, tokens in row-major
+      grid order.
+    k: must be `q` itself (SOFT ties K = Q; a different array raises ValueError).
+    v: `[batch, rows*cols, heads, dv]`.
+    causal, mask: SOFT has neither form (ValueError unless False / None).
+    grid: (rows, cols), required.
+    ratio: k, the landmark window and stride (m = (rows // k) (cols // k)).
+    landmarks: "pool", or "conv" with `landmark_fn` (learned parameters).
+    conv_size, value_conv_fn: c and the depthwise c x c convolution on V added to the
+      output (`value_conv_fn(v, grid)`), or 0 and None.
+    num_iters, ridge, differentiate_iterations: see `newton_inverse`.
+    precision: see `soft_attention`.
+
+  Returns:
+    `[batch, rows*cols, heads, dv]` in q's dtype.
   """
-
-  def __init__(self, width: int, num_heads: int, *, causal: bool = False,
-               landmarks: str = "conv", ratio: int = 2, conv_size: int = 3,
-               num_iters: int = 20, ridge: float = 0.01,
-               differentiate_iterations: bool = False, use_bias: bool = True,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if causal:
-      raise ValueError("attention 'soft' (SOFT) has no causal form: its landmarks pool the "
-                       "whole 2-D patch grid and K1^T V mixes all positions, so it cannot "
-                       "be used in a causal language model")
-    if not _is_int(num_heads) or not _is_int(width) or num_heads <= 0 or width % num_heads:
-      raise ValueError(f"width {width} must be a positive multiple of num_heads {num_heads} "
-                       f"(head_dim = width / num_heads)")
-    check_options(landmarks=landmarks, ratio=ratio, conv_size=conv_size,
-                  num_iters=num_iters, ridge=ridge)
-    self.width, self.num_heads = width, num_heads
-    self.head_dim = d = width // num_heads
-    self.landmarks, self.ratio, self.conv_size = landmarks, ratio, conv_size
-    self.num_iters, self.ridge = num_iters, float(ridge)
-    self.differentiate_iterations = bool(differentiate_iterations)
-    self.dtype = dtype
-    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-              kernel_init=nnx.initializers.xavier_uniform())
-    heads = (num_heads, d)
-    self.query = nnx.LinearGeneral(width, heads, **kw)
-    self.value = nnx.LinearGeneral(width, heads, **kw)
-    self.out = nnx.LinearGeneral(heads, width, axis=(-2, -1), **kw)
-    # PyTorch's default Conv2d init, as the authors' model: U(+-1/sqrt(fan_in)).
-    conv_kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                   kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))
-    if landmarks == "conv":
-      self.landmark_conv = nnx.Conv(d, d, (ratio, ratio), strides=(ratio, ratio),
-                                    padding="VALID", **conv_kw)
-      self.landmark_norm = nnx.LayerNorm(d, epsilon=1e-5, dtype=dtype,
-                                         param_dtype=param_dtype, rngs=rngs)
-    else:
-      self.landmark_conv = self.landmark_norm = None
-    if conv_size:
-      self.value_conv = nnx.Conv(num_heads, num_heads, (conv_size, conv_size),
-                                 feature_group_count=num_heads, padding="SAME", **conv_kw)
-    else:
-      self.value_conv = None
-
-  def make_landmarks(self, q_scaled: jax.Array, grid: tuple[int, int]) -> jax.Array:
-    """Landmarks `[batch, m, heads, d]` from the rescaled queries `[batch, n, heads, d]`."""
-    if self.landmarks == "pool":
-      return pool_landmarks(q_scaled, grid, self.ratio)
-    b, n, h, d = q_scaled.shape
-    rows, cols = grid
-    x = q_scaled.reshape(b, rows, cols, h, d).transpose(0, 3, 1, 2, 4)
-    x = self.landmark_conv(x.reshape(b * h, rows, cols, d))  # [B*H, rows//k, cols//k, d]
-    x = jax.nn.gelu(self.landmark_norm(x), approximate=False)
-    return x.reshape(b, h, -1, d).transpose(0, 2, 1, 3)
-
-  def conv_values(self, v: jax.Array, grid: tuple[int, int]) -> jax.Array:
-    """Depthwise conv of V `[batch, n, heads, d]` on the grid, one filter per head."""
-    b, n, h, d = v.shape
-    rows, cols = grid
-    x = v.reshape(b, rows, cols, h, d).transpose(0, 4, 1, 2, 3).reshape(b * d, rows, cols, h)
-    x = self.value_conv(x)  # channels = heads, groups = heads: the filter is per head
-    return x.reshape(b, d, rows, cols, h).transpose(0, 2, 3, 4, 1).reshape(b, n, h, d)
-
-  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, grid=None) -> jax.Array:
-    """`x` `[batch, rows*cols, width]` patch tokens (row-major) -> `[batch, n, width]`."""
-    if mask is not None:
-      raise ValueError("SOFT attention does not support attention masks: its landmarks "
-                       "pool over the whole patch grid, so every token must be a real "
-                       "patch (pass mask=None)")
-    if x.ndim != 3 or x.shape[-1] != self.width:
-      raise ValueError(f"SOFT attention expects [batch, length, {self.width}], got {x.shape}")
-    grid = check_grid(grid, x.shape[1], self.ratio)
-    q, v = self.query(x), self.value(x)  # [B, n, H, d]
-    ctx = mesh_lib.active()
-    if ctx is not None and ctx.strategy is not None:
-      # Sequence parallel (zoo.parallel.sequence_soft): q is passed as the keys (K = Q).
-      from zoo.parallel import sequence  # pylint: disable=import-outside-toplevel
-      y = sequence.run(self.sequence_parallel_core, q, q, v, mesh=ctx.mesh,
-                       strategy=ctx.strategy, causal=False, **self.core_options(grid))
-      return self.out(y)
-    landmarks = self.make_landmarks(q * jnp.asarray(query_scale(self.head_dim), q.dtype), grid)
-    y = soft_attention(q, v, landmarks, num_iters=self.num_iters, ridge=self.ridge,
-                       differentiate_iterations=self.differentiate_iterations)
-    if self.value_conv is not None:
-      y = y + self.conv_values(v, grid).astype(y.dtype)
-    return self.out(y)
-
-  # The name under which `zoo.parallel.sequence_soft` registers SOFT's strategies.
-  sequence_parallel_core = "soft"
-
-  def core_options(self, grid) -> dict:
-    """Options of the sequence-parallel strategies: the grid, the Newton options, and
-    this module's landmark and value-convolution functions (they close over its
-    parameters, replicated on every shard)."""
-    return dict(grid=grid, ratio=self.ratio, conv_size=self.conv_size,
-                num_iters=self.num_iters, ridge=self.ridge,
-                differentiate_iterations=self.differentiate_iterations,
-                landmark_fn=self.make_landmarks,
-                value_conv_fn=self.conv_values if self.value_conv is not None else None)
+  check_no_mask(mask)
+  grid = check_call(q, k, causal=causal, grid=grid, ratio=ratio, landmarks=landmarks,
+                    landmark_fn=landmark_fn, conv_size=conv_size, value_conv_fn=value_conv_fn)
+  lm = landmark_maker(landmark_fn, ratio)(scaled_queries(q), grid)
+  y = soft_attention(q, v, lm, num_iters=num_iters, ridge=ridge,
+                     differentiate_iterations=differentiate_iterations, precision=precision)
+  if value_conv_fn is not None:
+    y = y + value_conv_fn(v, grid).astype(y.dtype)
+  return y
 
 
-registry.register(
-    "soft", SoftAttention, supports_causal=False,
-    description="SOFT: Gaussian-kernel Nystrom attention with Newton-iteration inverse and "
-                "grid landmarks (ViT without class token only; no causal form, no masks)")
+def soft_flops(*, q_len: int, kv_len: int, heads: int, head_dim: int, causal: bool,
+               grid=None, ratio: int = 2, landmarks: str = "pool", conv_size: int = 0,
+               num_iters: int = 20, value_dim: int | None = None) -> float:
+  """Forward FLOPs of `soft_core` for one example (2 per multiply-add of matrix products).
+
+  With n = q_len tokens, m = (rows // k) (cols // k) landmarks, d = head_dim,
+  dv = value_dim (default d), I = num_iters, per head:
+
+      2 n m d           K1's cross term Q L^T (n x m x d)
+    + 2 m^2 d           K2's cross term L L^T (m x m x d)
+    + 4 I m^3           I Newton steps, each two m x m x m products (V P, then (V P) V)
+    + 2 n m dv          K1^T V
+    + 2 m^2 dv          newton_inverse(K2) (K1^T V)
+    + 2 n m dv          K1 (...)
+    + 2 m k^2 d^2       landmarks="conv": the stride-k k x k convolution (d -> d channels)
+    + 2 n c^2 dv        conv_size c > 0: the depthwise c x c convolution on V
+
+  = heads [2 n m (d + 2 dv) + 2 m^2 (d + dv) + 4 I m^3 (+ 2 m k^2 d^2) (+ 2 n c^2 dv)].
+  Norms, exponentials, the pooling and the LayerNorm (elementwise or O(n d)) are not
+  counted; nor the q/v/out projections (`SoftAttention.projection_flops`).
+  """
+  if causal:
+    raise ValueError(NO_CAUSAL_FORM)
+  if kv_len != q_len:
+    raise ValueError(f"SOFT is self-attention (K = Q): kv_len {kv_len} != q_len {q_len}")
+  rows, cols = check_grid(grid, q_len, ratio)
+  n, d, dv = q_len, head_dim, value_dim or head_dim
+  m = (rows // ratio) * (cols // ratio)
+  total = 2 * n * m * (d + 2 * dv) + 2 * m * m * (d + dv) + 4 * num_iters * m ** 3
+  if landmarks == "conv":
+    total += 2 * m * ratio * ratio * d * d
+  total += 2 * n * conv_size * conv_size * dv
+  return float(heads * total)

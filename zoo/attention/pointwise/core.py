@@ -22,21 +22,12 @@ import jax
 import jax.numpy as jnp
 
 from zoo.attention import masking
-from zoo.attention import registry
-from zoo.attention.heads import MultiHeadDotProductAttention
+from zoo.attention.pointwise import pallas
+from zoo.attention.pointwise.activations import ACTIVATIONS
 
-ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
-    "gelu": jax.nn.gelu,  # tanh approximation, jax's default
-    "softplus": jax.nn.softplus,
-    "identity": lambda x: x,
-    "relu6": jax.nn.relu6,
-    "sigmoid": jax.nn.sigmoid,
-}
 
 # None: XLA (dense, or blockwise with block_size); "pallas": the fused Pallas/Triton GPU
-# kernel of pointwise_pallas.py; "pallas_interpret": that kernel in the Pallas interpreter.
+# kernel of pallas.py; "pallas_interpret": that kernel in the Pallas interpreter.
 IMPLEMENTATIONS = (None, "pallas", "pallas_interpret")
 
 
@@ -86,7 +77,7 @@ def visible_key_counts(mask: jax.Array | None, q_len: int, kv_len: int, *,
   return jnp.sum(full, axis=-1, keepdims=True, dtype=jnp.int32)
 
 
-def _length_scale(mask, q_len, kv_len, *, causal, kv_length, alpha,
+def length_scale(mask, q_len, kv_len, *, causal, kv_length, alpha,
                   dtype=jnp.float32) -> jax.Array:
   """L^-alpha (float32, or float64 under x64 inputs), broadcastable to `[batch, heads, q_len, 1]`."""
   if kv_length is None:
@@ -100,7 +91,7 @@ def _length_scale(mask, q_len, kv_len, *, causal, kv_length, alpha,
 
 # ---------------------------------------------------------------------------------------
 # Blockwise path: a loop over tq x tk tiles of the score matrix (tk = block_size, tq from
-# `_tile_sizes`) with a custom VJP. Memory is O(tq * tk + L * head_dim) per (batch, head),
+# `tile_sizes`) with a custom VJP. Memory is O(tq * tk + L * head_dim) per (batch, head),
 # linear in length.
 #
 # Layout choices for XLA:CPU: q, k, v are tiled once to `[tiles, B, H, tile, D]` (batch and
@@ -132,7 +123,7 @@ def _length_scale(mask, q_len, kv_len, *, causal, kv_length, alpha,
 AUTO_TILE_MACS = 1 << 26
 
 
-def _tile_sizes(block_size, query_block_size, q_len, kv_len, batch_heads, head_dim):
+def tile_sizes(block_size, query_block_size, q_len, kv_len, batch_heads, head_dim):
   """(query tile, key tile) of the blockwise path.
 
   The key tile is `block_size` (at most kv_len). The query tile is `query_block_size` when
@@ -148,17 +139,6 @@ def _tile_sizes(block_size, query_block_size, q_len, kv_len, batch_heads, head_d
   else:
     tq = query_block_size
   return max(1, min(tq, q_len)), tk
-
-
-def _split_mask(mask):
-  """(key_mask `[B', L, H', 1]`, query_mask `[B', L, H', 1]`, general `[B', H', Lq, Lk]`)."""
-  if mask is None:
-    return None, None, None
-  if mask.shape[-2] == 1:  # the same keys for every query (padding masks)
-    return jnp.swapaxes(mask[..., 0, :], 1, 2)[..., None], None, None
-  if mask.shape[-1] == 1:  # every key or none, per query
-    return None, jnp.swapaxes(mask[..., 0], 1, 2)[..., None], None
-  return None, None, mask
 
 
 def _zero_where_hidden(x, keep):
@@ -195,10 +175,10 @@ def _tile_mask(general, causal, i, j, tiles, *, transpose=False):
 def _blockwise_setup(q, k, mask, block_size, query_block_size):
   b, q_len, heads, _ = q.shape
   kv_len = k.shape[1]
-  tq, tk = _tile_sizes(block_size, query_block_size, q_len, kv_len, b * heads,
+  tq, tk = tile_sizes(block_size, query_block_size, q_len, kv_len, b * heads,
                         q.shape[-1])
   nq, nk = -(-q_len // tq), -(-kv_len // tk)
-  key_keep, query_keep, general = _split_mask(mask)
+  key_keep, query_keep, general = masking.split_mask(mask)
   if general is not None:  # padded tiles are hidden
     general = jnp.broadcast_to(general, general.shape[:2] + (q_len, kv_len))
     general = jnp.pad(general, ((0, 0), (0, 0), (0, nq * tq - q_len), (0, nk * tk - kv_len)))
@@ -357,10 +337,10 @@ def pointwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       path that loops over key blocks of that size with a custom VJP (forward and backward
       memory linear in length). Any kv_len works: the last block is padded and masked.
     query_block_size: the query tile of that path; None picks one large enough for
-      XLA:CPU to run each tile GEMM on all cores (`_tile_sizes`). Memory is
+      XLA:CPU to run each tile GEMM on all cores (`tile_sizes`). Memory is
       O(query_block_size * block_size) per (batch, head) plus O(length * head_dim).
     implementation: None for the XLA paths above; "pallas" for the fused Pallas (Triton)
-      GPU kernel (`pointwise_pallas.py`; float32/bfloat16/float16; a ValueError off the GPU,
+      GPU kernel (`pallas.py`; float32/bfloat16/float16; a ValueError off the GPU,
       and for masks that vary along both the query and the key axis); "pallas_interpret"
       for that kernel in the Pallas interpreter (any backend, slow: for tests).
 
@@ -374,15 +354,14 @@ def pointwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   q_len, kv_len = q.shape[1], k.shape[1]
   scale = 1.0 / math.sqrt(q.shape[-1])
   acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
-  length_scale = _length_scale(mask, q_len, kv_len, causal=causal, kv_length=kv_length,
+  scale_l = length_scale(mask, q_len, kv_len, causal=causal, kv_length=kv_length,
                                alpha=alpha, dtype=acc_dtype)
   if implementation is not None:
-    from zoo.attention import pointwise_pallas  # pylint: disable=import-outside-toplevel
-    return pointwise_pallas.pointwise_attention_pallas(
-        q, k, v, length_scale, activation=activation, scale=scale, causal=causal, mask=mask,
+    return pallas.pointwise_attention_pallas(
+        q, k, v, scale_l, activation=activation, scale=scale, causal=causal, mask=mask,
         interpret=implementation == "pallas_interpret")
   if block_size is not None:
-    return _blockwise(q, k, v, mask, length_scale, activation, scale, causal, block_size,
+    return _blockwise(q, k, v, mask, scale_l, activation, scale, causal, block_size,
                       query_block_size)
   s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc_dtype) * scale
   w = ACTIVATIONS[activation](s)
@@ -390,39 +369,4 @@ def pointwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if full_mask is not None:
     w = jnp.where(full_mask, w, 0.0)
   out = jnp.einsum("bhqk,bkhd->bhqd", w.astype(v.dtype), v, preferred_element_type=acc_dtype)
-  return (out * length_scale).astype(q.dtype).transpose(0, 2, 1, 3)
-
-
-class PointwiseAttention(MultiHeadDotProductAttention):
-  """Multi-head pointwise attention: the shared projections around `pointwise_attention`."""
-
-  def __init__(self, width: int, num_heads: int, *, causal: bool = False,
-               activation: str = "relu", alpha: float = 1.0, block_size: int | None = None,
-               query_block_size: int | None = None, implementation: str | None = None,
-               **kwargs):
-    check_options(activation, alpha, block_size, implementation, query_block_size)
-    super().__init__(width, num_heads, causal=causal, **kwargs)
-    self.activation, self.alpha, self.block_size = activation, float(alpha), block_size
-    self.query_block_size, self.implementation = query_block_size, implementation
-
-  sequence_parallel_core = "pointwise"
-
-  def core_options(self):
-    options = dict(activation=self.activation, alpha=self.alpha, block_size=self.block_size)
-    if self.query_block_size is not None:
-      options["query_block_size"] = self.query_block_size
-    if self.implementation is not None:  # sequence-parallel strategies refuse it (TypeError)
-      options["implementation"] = self.implementation
-    return options
-
-  def attend(self, q, k, v, *, mask=None):
-    return pointwise_attention(q, k, v, causal=self.causal, mask=mask, **self.core_options())
-
-
-registry.register(
-    "pointwise", PointwiseAttention,
-    description="L^-alpha * h(q.k/sqrt(d)), any activation h; no normalisation over keys")
-for _name in ACTIVATIONS:
-  registry.register(
-      _name, PointwiseAttention, defaults={"activation": _name},
-      description=f"pointwise attention with h = {_name} (alpha = 1 unless set)")
+  return (out * scale_l).astype(q.dtype).transpose(0, 2, 1, 3)

@@ -52,7 +52,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from zoo.attention.pointwise import ACTIVATIONS
+from zoo.attention import masking
+from zoo.attention.pointwise.activations import ACTIVATIONS
 
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
@@ -305,24 +306,16 @@ def _check_block(name, block):
                      f"got {block!r}")
 
 
-def _split_mask(mask, q_len, kv_len):
+def _split_mask(mask, q, k):
   """(keys kept `[B', kv_len, H', 1]` or None, queries kept `[B', q_len, H', 1]` or None)."""
-  if mask is None:
-    return None, None
-  mask = jnp.asarray(mask)
-  if mask.dtype != jnp.bool_:
-    raise ValueError(f"mask must be boolean (True = attend), got dtype {mask.dtype}")
-  mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-  if mask.shape[-2] == 1:  # the same keys for every query: key padding
-    keep = jnp.broadcast_to(mask[..., 0, :], mask.shape[:2] + (kv_len,))
-    return jnp.swapaxes(keep, 1, 2)[..., None], None
-  if mask.shape[-1] == 1:  # every key or none, per query
-    keep = jnp.broadcast_to(mask[..., 0], mask.shape[:2] + (q_len,))
-    return None, jnp.swapaxes(keep, 1, 2)[..., None]
-  raise ValueError(
-      f"the pallas pointwise kernel takes key-padding masks [..., 1, kv_len] and query "
-      f"masks [..., q_len, 1]; this mask {mask.shape} varies along both axes: use the "
-      f"dense or blockwise path (implementation=None)")
+  mask = masking.check_mask(mask, q, k)
+  key_keep, query_keep, general = masking.split_mask(mask, q.shape[1], k.shape[1])
+  if general is not None:
+    raise ValueError(
+        f"the pallas pointwise kernel takes key-padding masks [..., 1, kv_len] and query "
+        f"masks [..., q_len, 1]; this mask {mask.shape} varies along both axes: use the "
+        f"dense or blockwise path (implementation=None)")
+  return key_keep, query_keep
 
 
 def pointwise_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -379,7 +372,7 @@ def pointwise_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array,
   if q_len == 0 or kv_len == 0:  # a query that sees no key outputs 0
     return jnp.zeros((b, q_len, heads, dv), out_dtype)
 
-  key_keep, query_keep = _split_mask(mask, q_len, kv_len)
+  key_keep, query_keep = _split_mask(mask, q, k)
   q, k, v = (x.astype(dtype) for x in (q, k, v))
   if key_keep is not None:
     k = jnp.where(key_keep, k, jnp.zeros((), dtype))
