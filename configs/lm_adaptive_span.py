@@ -17,11 +17,10 @@ Adagrad with per-tensor clipping and linear warmup (`optim=adamw` for AdamW).
 
 Any option of the chosen attention goes in the argument string too (`ramp=16`,
 `span_loss=1e-5`, `persistent_size=32`, `alpha=0.5`): those of the name's layer over a
-segment cache in the registry (`zoo.attention.get(name).option_defaults(cached=True)`).
+segment cache in the registry (`zoo.config.attention_option_defaults(name, cached=True)`).
 """
 
-from zoo import attention
-from zoo.config import overridable, parse_arg
+from zoo.config import attention_options_from_arg, overridable, parse_arg
 
 _ARGS = dict(attention="adaptive_span", total_steps=600, batch_size=16, block_len=64,
              max_span=512, width=128, depth=4, num_heads=4, lr=0.07, optim="adagrad",
@@ -32,20 +31,6 @@ _PRESETS = {
     "adaptive_span": dict(ramp=32, span_init=0.0, span_loss=2e-6),
     "persistent_memory": dict(ramp=32, span_init=0.0, span_loss=2e-6, persistent_size=64),
 }
-
-
-def attention_options(name: str, arg, used) -> dict:
-  """The attention's options: defaults, this file's presets, then the argument string."""
-  options = attention.get(name).option_defaults(cached=True)
-  options.update({k: v for k, v in _PRESETS.get(name, {}).items() if k in options})
-  extra = {k: v for k, v in arg.items() if k not in used}
-  unknown = sorted(set(extra) - set(options))
-  if unknown:
-    raise ValueError(f"unknown config argument(s) {unknown}: neither a config key "
-                     f"({sorted(used)}) nor an option of attention {name!r} in "
-                     f"transformer_seq ({sorted(options)})")
-  options.update(extra)
-  return options
 
 
 def get_config(arg=None):
@@ -62,7 +47,9 @@ def get_config(arg=None):
       name="transformer_seq", vocab_size=256, width=arg.width, depth=arg.depth,
       num_heads=arg.num_heads, max_span=arg.max_span, inner_size=4 * arg.width,
       dropout=0.0, emb_dropout=0.0, attention=arg.attention,
-      attention_options=attention_options(arg.attention, arg, set(_ARGS)), dtype=arg.dtype)
+      attention_options=attention_options_from_arg(
+          arg.attention, arg, set(_ARGS), cached=True, overrides=_PRESETS.get(arg.attention)),
+      dtype=arg.dtype)
 
   config.mesh = dict(data=-1, fsdp=1, seq=1)
   config.sequence_parallel = overridable(None, str)

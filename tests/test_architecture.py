@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import lm_adaptive_span, lm_bytes, vit_digits
 from zoo import attention, models, parallel
+from zoo import config as config_lib
 from zoo.attention import core, registry
 from zoo.attention.heads import MultiHeadAttention
 from zoo.attention.options import ProjectionOptions, nonnegative_number
@@ -126,15 +128,32 @@ def test_example_family_sequence_parallel_layer_equals_one_device():
 # ----------------------------------------------------------------------------- registry, FLOPs
 
 def test_registry_is_the_one_option_table():
+  """Configs, TransformerSeq and the checkpoint check read their options from the
+  registry's dataclasses; no module walks signatures for options any more."""
   for name in attention.names():
     family = attention.get(name)
-    defaults = family.option_defaults()
-    assert set(defaults) == set(family.options_class.names())
+    assert config_lib.attention_option_defaults(name) == family.option_defaults()
     required = {"window": 4} if name == "aft_local" else {}  # AFT-local has no default window
     family.options(required)  # the defaults with the preset validate
+  for name in ("softmax", "relu", "aft_simple"):
+    assert dict(lm_bytes.get_config(f"attention={name}").model.attention_options) == (
+        attention.get(name).option_defaults())
+  assert dict(vit_digits.get_config("attention=relu,alpha=0.5").model.attention_options) == {
+      **attention.get("relu").option_defaults(), "alpha": 0.5}
+  for name in attention.names(cached=True):
+    options = dict(lm_adaptive_span.get_config(f"attention={name}").model.attention_options)
+    assert set(options) == set(attention.get(name).option_defaults(cached=True))
+  assert attention.names(cached=True) == sorted(
+      ["adaptive_span", "persistent_memory", "softmax", "pointwise", "relu", "relu2", "gelu",
+       "softplus", "identity", "relu6", "sigmoid"])
   assert attention.get("relu").option_defaults()["activation"] == "relu"
   assert {"block_size", "query_block_size", "implementation"} <= (
       attention.get("relu").options_class.compute_only_names())
+  with pytest.raises(ValueError, match="attention 'relu' fixes activation='relu'"):
+    registry.validate("relu", {"activation": "gelu"}, causal=True)
+  for path in ZOO.rglob("*.py"):  # (zoo.models reads its constructors' default attention)
+    if path != ZOO / "models" / "__init__.py":
+      assert "inspect" not in path.read_text(), f"{path} inspects signatures"
 
 
 @pytest.mark.parametrize("kind", ["softmax", "relu"])

@@ -60,29 +60,34 @@ def key_first(arg: str | None, key: str) -> str | None:
   return arg
 
 
-def attention_option_defaults(name: str) -> dict[str, Any]:
+def attention_option_defaults(name: str, *, cached: bool = False) -> dict[str, Any]:
   """Every option the named attention accepts, with its default (the name's preset wins),
-  read from the family's options dataclass in the registry.
+  read from the family's options dataclass in the registry (with `cached`: those of its
+  layer over a segment cache, in a TransformerSeq).
 
   Config files fill `model.attention_options` with this so that any option can be set
   with `--config.model.attention_options.NAME=VALUE`.
   """
-  return registry.get(name).option_defaults()
+  return registry.get(name).option_defaults(cached=cached)
 
 
-def attention_options_from_arg(name: str, arg: ml_collections.ConfigDict,
-                               used: set[str]) -> dict[str, Any]:
-  """The attention's options with any `key=value` from the config argument applied.
+def attention_options_from_arg(name: str, arg: ml_collections.ConfigDict, used: set[str],
+                               *, cached: bool = False,
+                               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The attention's options: the registry's defaults, the config file's `overrides`,
+  then any `key=value` from the config argument.
 
   Keys of `arg` that are neither in `used` (the config file's own keys) nor options of
   the attention are an error, so a typo never passes silently.
   """
-  options = attention_option_defaults(name)
+  options = attention_option_defaults(name, cached=cached)
+  options.update({k: v for k, v in (overrides or {}).items() if k in options})
   extra = {k: v for k, v in arg.items() if k not in used}
   unknown = set(extra) - set(options)
   if unknown:
+    where = " in transformer_seq" if cached else ""
     raise ValueError(f"unknown config argument(s) {sorted(unknown)}: neither a config key "
-                     f"({sorted(used)}) nor an option of attention {name!r} "
+                     f"({sorted(used)}) nor an option of attention {name!r}{where} "
                      f"({sorted(options)})")
   options.update(extra)
   return {k: overridable(v) for k, v in options.items()}

@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from zoo.parallel import sequence as seq_lib
+
 
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
   """Raises ValueError with a clear message when q, k, v do not fit together."""
@@ -30,15 +32,9 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and heads")
 
 
-def causal_mask(q_len: int, kv_len: int, q_offset=0, kv_offset=0) -> jax.Array:
-  """[q_len, kv_len] boolean: True where key position <= query position.
-
-  Offsets give the global position of the first query and key, for blocks of a longer
-  sequence (blockwise loops and sequence shards).
-  """
-  q_pos = q_offset + jnp.arange(q_len)[:, None]
-  k_pos = kv_offset + jnp.arange(kv_len)[None, :]
-  return k_pos <= q_pos
+# [q_len, kv_len] boolean, True where key position <= query position; offsets give the
+# global positions of the first query and key (blocks, shards).
+causal_mask = seq_lib.causal_block_mask
 
 
 def check_mask(mask: jax.Array | None, q: jax.Array, k: jax.Array) -> jax.Array | None:

@@ -59,7 +59,8 @@ class Family:
     """Whether the name runs over a segment cache (it has a `cached_layer`)."""
     return self.cached_layer is not None
 
-  def _options_class(self, cached: bool) -> type[Options]:
+  def options_class_for(self, cached: bool = False) -> type[Options]:
+    """The options dataclass of the layer (of the cached layer with `cached`)."""
     if not cached:
       return self.options_class
     if self.cached_layer is None:
@@ -71,7 +72,7 @@ class Family:
     """Every option with its default (the name's preset wins). With `cached`, those of
     the cached layer that a config sets: without the fields the segment model sets from
     its own keys (`Options.model_level_names()`, e.g. max_span)."""
-    options_class = self._options_class(cached)
+    options_class = self.options_class_for(cached)
     defaults = options_class.defaults()
     for name in (options_class.model_level_names() if cached else ()):
       defaults.pop(name)
@@ -80,8 +81,16 @@ class Family:
   def options(self, given: Mapping[str, Any] | None = None, *,
               cached: bool = False) -> Options:
     """The typed options (of the cached layer with `cached`): preset, then `given` (a
-    misspelt name fails, listing the valid)."""
-    return self._options_class(cached).create(self.name, {**self.preset, **dict(given or {})})
+    misspelt name fails, listing the valid; a value that contradicts the name's preset,
+    e.g. attention 'relu' with activation 'gelu', fails naming the preset)."""
+    given = dict(given or {})
+    clash = sorted(k for k, v in self.preset.items() if k in given and given[k] != v)
+    if clash:
+      raise ValueError(f"attention {self.name!r} fixes {', '.join(f'{k}={self.preset[k]!r}' for k in clash)}; "
+                       f"got {', '.join(f'{k}={given[k]!r}' for k in clash)}; choose the attention "
+                       f"name that has the value you want (e.g. attention=pointwise sets any "
+                       f"activation)")
+    return self.options_class_for(cached).create(self.name, {**self.preset, **given})
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -141,9 +150,15 @@ def get(name: str) -> Family:
   return _FAMILIES[name]
 
 
-def strategies(name: str) -> tuple[str, ...]:
-  """The sequence-parallel strategies the named attention has, in `STRATEGIES` order."""
-  return tuple(s for s in STRATEGIES if s in get(name).layer.core.strategies)
+def strategies(name: str, *, cached: bool = False) -> tuple[str, ...]:
+  """The sequence-parallel strategies the named attention has (its cached layer's with
+  `cached`), in `STRATEGIES` order."""
+  family = get(name)
+  layer = family.layer
+  if cached:
+    family.options_class_for(cached=True)  # a clear error when it has no cached layer
+    layer = family.cached_layer
+  return tuple(s for s in STRATEGIES if s in layer.core.strategies)
 
 
 def validate(name: str, options: Mapping[str, Any] | None = None, *,
@@ -160,7 +175,7 @@ def validate(name: str, options: Mapping[str, Any] | None = None, *,
 
 def make(name: str, *, width: int, num_heads: int, causal: bool, rngs, dtype=None,
          param_dtype=None, sharding=None, **options):
-  """Builds the named attention layer; options override the name's preset."""
+  """Builds the named attention layer with the name's preset and `options`."""
   family = get(name)
   validate(name, options, causal=causal)
   kwargs = {} if param_dtype is None else {"param_dtype": param_dtype}

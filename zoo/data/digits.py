@@ -34,6 +34,7 @@ them):
 
 from etils import epath
 import numpy as np
+from sklearn import datasets, model_selection
 import tensorflow_datasets as tfds
 
 NUM_TRAIN = 1437
@@ -43,7 +44,6 @@ SPLIT_SEED = 0
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
   """Returns all 1797 (images uint8 [N, 8, 8, 1], labels int64 [N])."""
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
   data = datasets.load_digits()
   images = np.floor(data.images * 255.0 / 16.0 + 0.5).astype(np.uint8)
   return images[..., None], data.target.astype(np.int64)
@@ -51,7 +51,6 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def split_indices() -> dict[str, np.ndarray]:
   """The fixed, seeded, stratified split: sorted original indices per split."""
-  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   _, labels = digits_arrays()
   train, test = model_selection.train_test_split(
       np.arange(len(labels)), test_size=NUM_TEST, stratify=labels,

@@ -17,8 +17,8 @@ yields its `batch_size // jax.process_count()` rows):
          tests/test_data.py (via `zoo.data`).
   load_token_stream(data_config, split), SegmentIterator.
          tests/test_segment_lm.py.
-  local_batch_size(batch_size), output_image_shape(data_config, feature_shape):
-         re-exported; no caller outside zoo.data today.
+  local_batch_size(batch_size): this process's rows of a global batch (part of
+         the `zoo.data` API).
 
 Where each part lives:
 
@@ -52,7 +52,6 @@ STREAM_SOURCES = sources.STREAM_SOURCES
 get_builder = sources.get_builder
 load_token_stream = sources.load_token_stream
 local_batch_size = sampling.local_batch_size
-output_image_shape = images.output_image_shape
 
 
 def make_iterator(data_config, split: str, *, batch_size: int, train: bool,

@@ -3,6 +3,7 @@ the authors' `TransformerSeq` (adaptive span / all-attention LM with segment cac
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -29,6 +30,18 @@ def _dtype(name):
     raise ValueError(f"unknown dtype {name!r}") from None
 
 
+def attention_name(model_config: Mapping[str, Any]) -> str:
+  """The registered attention a model config builds (each model's default when unset)."""
+  init = MODELS[model_config.get("name")].__init__
+  default = inspect.signature(init).parameters["attention"].default
+  return model_config.get("attention") or default
+
+
+def attention_runs_cached(model_config: Mapping[str, Any]) -> bool:
+  """Whether the model runs its attention's layer over a segment cache (TransformerSeq)."""
+  return model_config.get("name") == "transformer_seq"
+
+
 def validate(model_config: Mapping[str, Any]) -> None:
   """Checks a model config (name, attention and its options) before anything is built."""
   name = model_config.get("name")
@@ -39,7 +52,7 @@ def validate(model_config: Mapping[str, Any]) -> None:
     for key in ("dtype", "param_dtype"):
       _dtype(model_config.get(key))
     return
-  attention_lib.validate(model_config.get("attention", "softmax"),
+  attention_lib.validate(attention_name(model_config),
                          dict(model_config.get("attention_options") or {}),
                          causal=CAUSAL[name])
 

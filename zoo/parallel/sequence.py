@@ -147,6 +147,24 @@ def all_gather_attention(core_fn: Callable, q, k, v, *, mesh, causal: bool,
 
 # ----------------------------------------------------------------------------- halos
 
+def from_neighbour(tree, *, before: bool, num_shards: int):
+  """Inside `shard_map`: the previous (`before`) or next shard's copy of `tree` (zeros on
+  the first / last shard, which has no such neighbour)."""
+  perm = ([(i, i + 1) for i in range(num_shards - 1)] if before
+          else [(i + 1, i) for i in range(num_shards - 1)])
+  return jax.tree.map(lambda x: jax.lax.ppermute(x, AXIS, perm), tree)
+
+
+def key_sharded_scores(q: jax.Array, k: jax.Array, mesh) -> jax.Array:
+  """q.k / sqrt(d) `[b, h, q, k]` in float32 from length-sharded q, k, constrained to be
+  sharded along the keys, so the partitioner (gspmd) splits the key contraction."""
+  spec = length_spec(mesh)
+  q, k = constrain_spec(q, mesh, spec), constrain_spec(k, mesh, spec)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  s = s / math.sqrt(q.shape[-1])
+  return constrain_spec(s, mesh, P(batch_axes(mesh), None, None, AXIS))
+
+
 def halo_exchange(x: jax.Array, before: int, after: int, num_shards: int,
                   axis: int = 1) -> jax.Array:
   """Inside `shard_map`: this shard's block with the previous shard's last `before` rows
@@ -159,11 +177,11 @@ def halo_exchange(x: jax.Array, before: int, after: int, num_shards: int,
   parts = []
   if before:
     edge = jax.lax.slice_in_dim(x, size - before, size, axis=axis)
-    parts.append(jax.lax.ppermute(edge, AXIS, [(i, i + 1) for i in range(num_shards - 1)]))
+    parts.append(from_neighbour(edge, before=True, num_shards=num_shards))
   parts.append(x)
   if after:
     edge = jax.lax.slice_in_dim(x, 0, after, axis=axis)
-    parts.append(jax.lax.ppermute(edge, AXIS, [(i + 1, i) for i in range(num_shards - 1)]))
+    parts.append(from_neighbour(edge, before=False, num_shards=num_shards))
   return jnp.concatenate(parts, axis=axis)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import grain
 import orbax.checkpoint as ocp
 
+from zoo import models
 from zoo.attention import registry
 
 # Model config keys that do not change the model's function or parameters.
@@ -41,22 +42,21 @@ class _IteratorSnapshot:
     pass
 
 
-_DEFAULT_ATTENTION = {"transformer_seq": "adaptive_span"}
-
-
 def architecture(model_config: dict) -> dict:
   """The model config keys that fix its parameters and function: without the dtype, and
   with the attention's options completed by their defaults (so a checkpoint written
   before an option existed still matches) and without the compute-only ones (tiles,
   kernels, implementations: they never change the parameters)."""
   arch = {k: v for k, v in model_config.items() if k not in _NON_ARCHITECTURAL}
-  name = arch.get("attention", _DEFAULT_ATTENTION.get(arch.get("name"), "softmax"))
+  if arch.get("name") not in models.MODELS:
+    return arch
+  name = models.attention_name(arch)
   if name not in registry.names():
     return arch
-  cached = arch.get("name") == "transformer_seq"
+  cached = models.attention_runs_cached(arch)
   family = registry.get(name)
   options = {**family.option_defaults(cached=cached), **(arch.get("attention_options") or {})}
-  compute_only = family.options(cached=cached).compute_only_names()
+  compute_only = family.options_class_for(cached).compute_only_names()
   arch["attention_options"] = {k: v for k, v in options.items()
                                if k not in compute_only and v is not None}
   return arch

@@ -49,7 +49,6 @@ class Task(Protocol):
   model: str  # the model.name this task trains
   eval_split: str  # default split of the periodic evaluation (config.eval_split wins)
   regularization_metric: str  # the name the model's regularization_loss is logged under
-  cached_attention: bool  # the model runs its attention's layer over a segment cache
 
   def validate(self, config) -> None:
     """Checks the task's own config keys before anything is built."""
@@ -109,7 +108,6 @@ def _bytes_metrics(sums: dict) -> dict:
 
 class _TaskDefaults:
   regularization_metric = "regularization"
-  cached_attention = False
 
   def validate(self, config) -> None:
     del config
@@ -197,7 +195,6 @@ class SegmentLM(_TaskDefaults):
   """`segment_lm`: the carry is one cache `[batch, cache_size, width]` per layer."""
   name, model, eval_split = "segment_lm", "transformer_seq", "test"
   regularization_metric = "span_penalty"
-  cached_attention = True
 
   def block_len(self, config) -> int:
     m = config.data.get("block_len")

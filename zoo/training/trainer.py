@@ -56,16 +56,14 @@ def _to_dict(cfg) -> dict:
   return json.loads(json.dumps(cfg))  # the same form as after a checkpoint's JSON round trip
 
 
-def _check_sequence_parallel(config, task) -> None:
+def _check_sequence_parallel(config) -> None:
   """`config.sequence_parallel` must be a strategy of the attention layer the model runs
   (for a segment model, the name's layer over the cache)."""
   strategy = config.get("sequence_parallel")
   if strategy is None:
     return
-  attention = config.model.get("attention", "softmax")
-  family = registry.get(attention)
-  layer = family.cached_layer if task.cached_attention else family.layer
-  available = [s for s in parallel.STRATEGIES if s in layer.core.strategies]
+  attention = models.attention_name(config.model)
+  available = registry.strategies(attention, cached=models.attention_runs_cached(config.model))
   if strategy not in available:
     raise ValueError(f"config.sequence_parallel={strategy!r} is not a strategy of attention "
                      f"{attention!r}; available: {', '.join(available) or 'none'}")
@@ -84,7 +82,7 @@ def validate_config(config) -> None:
     raise ValueError(f"task {config.task!r} needs model.name={task.model!r}, got "
                      f"{config.model.name!r}{which}")
   task.validate(config)
-  _check_sequence_parallel(config, task)
+  _check_sequence_parallel(config)
   if int(config.total_steps) <= 0 or int(config.batch_size) <= 0:
     raise ValueError("config.total_steps and config.batch_size must be positive")
   if int(config.batch_size) % jax.process_count():

@@ -94,13 +94,6 @@ def _shards_where(totals, keep):
   return logspace.reduce(logspace.select(keep, totals), axis=0)
 
 
-def _from_neighbour(t, *, before: bool, n: int):
-  """Inside `shard_map`: the previous (`before`) or next shard's triple `t` (arbitrary on
-  the first / last shard: the caller selects it away)."""
-  perm = [(i, i + 1) for i in range(n - 1)] if before else [(i + 1, i) for i in range(n - 1)]
-  return tuple(jax.lax.ppermute(x, AXIS, perm) for x in t)
-
-
 # ----------------------------------------------------------------------------- AFT-simple
 
 def _simple_sums(q, k, v, *, mesh, causal):
@@ -168,12 +161,14 @@ def _halo_sums(q, k, v, band_bias, *, mesh, causal, lo, hi):
     own = _leaves(k, v)
     totals = _gather_totals(logspace.reduce(own, axis=1))  # [n, B, H, c]
     # Before the block: shards < shard - 1 whole, and the left neighbour's first c - hl.
-    left_part = _from_neighbour(logspace.reduce_range(own, 0, c - hl), before=True, n=n)
+    left_part = seq_lib.from_neighbour(logspace.reduce_range(own, 0, c - hl), before=True,
+                                       num_shards=n)
     before = logspace.merge(_shards_where(totals, jnp.arange(n) < shard - 1),
                             logspace.select(shard > 0, left_part))
     far = logspace.merge(left, tuple(x[:, None] for x in before))
     if not causal:  # after the block: the right neighbour's last c - hr, shards > shard + 1
-      right_part = _from_neighbour(logspace.reduce_range(own, hr, c), before=False, n=n)
+      right_part = seq_lib.from_neighbour(logspace.reduce_range(own, hr, c), before=False,
+                                          num_shards=n)
       after = logspace.merge(_shards_where(totals, jnp.arange(n) > shard + 1),
                              logspace.select(shard < n - 1, right_part))
       far = logspace.merge(far, right, tuple(x[:, None] for x in after))

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.attention import masking
+from zoo.attention.options import nonnegative_number, positive_int
 from zoo.attention.pointwise import pallas
 from zoo.attention.pointwise.activations import ACTIVATIONS
 
@@ -37,14 +38,10 @@ def check_options(activation: str, alpha: float, block_size: int | None,
   """Raises ValueError naming the bad option."""
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
-  if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
-    raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-  if block_size is not None and (not isinstance(block_size, int) or block_size <= 0):
-    raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+  nonnegative_number("alpha", alpha)
+  positive_int("block_size", block_size, allow_none=True)
+  positive_int("query_block_size", query_block_size, allow_none=True)
   if query_block_size is not None:
-    if not isinstance(query_block_size, int) or query_block_size <= 0:
-      raise ValueError(f"query_block_size must be a positive int or None, got "
-                       f"{query_block_size!r}")
     if block_size is None:
       raise ValueError("query_block_size sets the query tile of the blockwise path: "
                        "give block_size too")

@@ -24,7 +24,7 @@ float32 inputs the dots follow `jax.default_matmul_precision` as XLA's do: TF32 
 tensor cores by default, full float32 under "highest".
 
 Lengths that are not a multiple of the blocks are zero-padded in the wrapper. As in the
-blockwise path of pointwise.py, zero padding needs no mask: a zero value row adds nothing
+blockwise path of core.py, zero padding needs no mask: a zero value row adds nothing
 to any output, a zero cotangent row (padded queries) adds nothing to dk or dv, and the
 padded rows of dq, dk, dv are sliced off. head_dim is zero-padded to a power of two
 (>= 16), which leaves q.k unchanged. Masks: a key-padding mask (`[..., 1, kv_len]`) is
@@ -71,11 +71,6 @@ def _dot(a, b, *, trans_b=False):
   contract_b = 1 if trans_b else 0
   return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
                          preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-  """a^T @ b with a float32 accumulator."""
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _h_and_derivative(activation, s):
@@ -331,7 +326,7 @@ def pointwise_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array,
     q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, kv_len, heads, head_dim(_v)]`;
       float32, bfloat16 or float16 (one dtype; accumulation is float32).
     length_scale: L^-alpha per query, broadcastable to `[batch, heads, q_len, 1]` (as
-      `pointwise._length_scale` makes it); None for 1. Not differentiated.
+      `core.length_scale` makes it); None for 1. Not differentiated.
     activation: a key of `pointwise.ACTIVATIONS`.
     scale: the score scale; None for 1/sqrt(head_dim).
     causal: query i sees keys j <= i (positions aligned at the start).
@@ -352,9 +347,7 @@ def pointwise_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array,
     raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
   _check_block("block_q", block_q)
   _check_block("block_k", block_k)
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if x.ndim != 4:
-      raise ValueError(f"{name} must be [batch, length, heads, head_dim], got {x.shape}")
+  masking.check_qkv(q, k, v)
   dtype = jnp.result_type(q, k, v)
   if dtype not in [jnp.dtype(t) for t in SUPPORTED_DTYPES]:
     raise ValueError(f"the pallas pointwise kernel takes float32, bfloat16 or float16 "

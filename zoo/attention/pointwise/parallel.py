@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from zoo.attention.pointwise.activations import ACTIVATIONS
 from zoo.attention.pointwise.core import length_scale, pointwise_attention
-from zoo.attention.softmax.parallel import gspmd_scores
 from zoo.parallel import sequence as seq_lib
 
 
@@ -28,7 +27,7 @@ def _gspmd(q, k, v, *, mesh, causal, layout, activation="relu", alpha=1.0,
            block_size=None, query_block_size=None):
   del layout, block_size, query_block_size  # dense: the partitioner splits the key axis
   length = q.shape[1]
-  w = ACTIVATIONS[activation](gspmd_scores(q, k, mesh))
+  w = ACTIVATIONS[activation](seq_lib.key_sharded_scores(q, k, mesh))
   if causal:
     w = jnp.where(seq_lib.causal_block_mask(length, length)[None, None], w, 0.0)
   scale = length_scale(None, length, length, causal=causal, kv_length=None, alpha=alpha)

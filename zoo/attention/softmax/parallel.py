@@ -15,7 +15,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from zoo.attention import logspace
 from zoo.attention.softmax.core import softmax_attention
@@ -24,19 +23,10 @@ from zoo.parallel import sequence as seq_lib
 _NEG = -1e30  # a finite "minus infinity" for masked scores: exp(_NEG - m) is 0, not nan
 
 
-def gspmd_scores(q, k, mesh) -> jax.Array:
-  """q.k / sqrt(d) `[b, h, q, k]` in float32, constrained to be sharded along keys."""
-  spec = seq_lib.length_spec(mesh)
-  q, k = seq_lib.constrain_spec(q, mesh, spec), seq_lib.constrain_spec(k, mesh, spec)
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  s = s / math.sqrt(q.shape[-1])
-  return seq_lib.constrain_spec(s, mesh, P(seq_lib.batch_axes(mesh), None, None, seq_lib.AXIS))
-
-
 def _gspmd(q, k, v, *, mesh, causal, layout):
   del layout
   length = q.shape[1]
-  s = gspmd_scores(q, k, mesh)
+  s = seq_lib.key_sharded_scores(q, k, mesh)
   if causal:
     s = jnp.where(seq_lib.causal_block_mask(length, length)[None, None], s, _NEG)
   p = jax.nn.softmax(s, axis=-1)  # max and sum over the sharded key axis: two reductions
