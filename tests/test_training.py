@@ -166,3 +166,24 @@ def test_train_and_eval_scripts_on_the_byte_lm(tmp_path):
   assert result["num_bytes"] > 0
   proc = _run("eval.py", *flags, "--step=4")
   assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 4
+
+
+def test_compatibility_check_fills_option_defaults_and_ignores_compute_only_options():
+  """A checkpoint written before an option existed (its meta lacks the key) still matches
+  the config with that option at its default; compute-only options (tiles) may change;
+  a parameter-changing option may not. AFT-local (no default window) is checked too."""
+  lm = {"name": "lm", "width": 16, "depth": 1, "num_heads": 2, "max_len": 16}
+  saved = {**lm, "attention": "relu", "attention_options": {"alpha": 1.0}}
+  now = {**lm, "attention": "relu",
+         "attention_options": {"alpha": 1.0, "qk_layernorm": False, "block_size": 8}}
+  ckpt_lib.check_compatible({"model": saved, "task": "lm"}, now, "lm", "w")
+  with pytest.raises(ValueError, match="model.attention_options"):
+    ckpt_lib.check_compatible({"model": saved, "task": "lm"},
+                              {**now, "attention_options": {"qk_layernorm": True}}, "lm", "w")
+  local = {**lm, "attention": "aft_local", "attention_options": {"window": 4, "max_len": None}}
+  ckpt_lib.check_compatible({"model": local, "task": "lm"}, local, "lm", "w")
+  seq = {"name": "transformer_seq", "vocab_size": 256, "width": 16, "num_heads": 2, "depth": 1,
+         "max_span": 8, "attention": "adaptive_span", "attention_options": {"ramp": 32}}
+  ckpt_lib.check_compatible({"model": seq, "task": "segment_lm"},
+                            {**seq, "attention_options": {"ramp": 32, "use_bias": False}},
+                            "segment_lm", "w")
