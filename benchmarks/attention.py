@@ -241,6 +241,13 @@ def compare(rows, baseline):
   return out
 
 
+def ratio_words(ratio: float, better: str, worse: str) -> str:
+  """A baseline / kind ratio in words: 1.06 -> '1.06x faster', 0.94 -> '1.06x slower'."""
+  if ratio >= 1:
+    return f"{ratio:.2f}x {better}"
+  return f"{1 / ratio:.2f}x {worse}"
+
+
 def memory_growth(rows):
   """Per kind, the ratio of temporary memory between consecutive lengths."""
   growth = {}
@@ -296,32 +303,41 @@ def _reexec_with_huge_pages(args):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-  p.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS, choices=sorted(KINDS))
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--heads", type=int, default=8)
-  p.add_argument("--head-dim", type=int, default=64)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192],
+                 help="sequence lengths to time (queries = keys)")
+  p.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS, choices=sorted(KINDS),
+                 metavar="KIND",
+                 help=f"attention cores to time, of: {', '.join(sorted(KINDS))}")
+  p.add_argument("--batch", type=int, default=1, help="batch size B")
+  p.add_argument("--heads", type=int, default=8, help="attention heads H")
+  p.add_argument("--head-dim", type=int, default=64, help="per-head dimension D")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="dtype of q, k, v")
   p.add_argument("--block-size", type=int, default=256,
                  help="relu_blockwise key tile")
   p.add_argument("--query-block-size", type=int, default=None,
-                 help="relu_blockwise query tile (default: automatic, large enough for "
+                 help="relu_blockwise query tile (None: automatic, large enough for "
                       "XLA:CPU to run each tile GEMM on all cores)")
-  p.add_argument("--causal", action="store_true")
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--causal", action="store_true", help="causal masking")
+  p.add_argument("--repeats", type=int, default=5,
+                 help="timed runs per measurement (the median is reported)")
   p.add_argument("--matmul-size", type=int, default=4096,
                  help="N of the [N, N] x [N, N] reference matmul")
   p.add_argument("--no-nearby-matmul", action="store_true",
                  help="compare with the start-of-run matmul only")
   p.add_argument("--memory-limit-gib", type=float, default=None,
-                 help="skip runs needing more (default: physical memory)")
+                 help="skip runs needing more (None: physical memory)")
   p.add_argument("--torch", action="store_true",
                  help="also time PyTorch's fused scaled_dot_product_attention (kind "
                       "torch_sdpa) in the same run; needs `pip install torch`")
   p.add_argument("--no-huge-pages", action="store_true",
-                 help="keep glibc's default allocation of large buffers (see below)")
-  p.add_argument("--out", default="results/attention.json")
+                 help="keep glibc's default allocation of large buffers (otherwise the "
+                      "script reruns itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: "
+                      "transparent huge pages, far fewer page faults on large buffers)")
+  p.add_argument("--out", default="results/attention.json",
+                 help="JSON file for the results (machine, config, rows, slopes)")
   args = p.parse_args(argv)
   if argv is None:  # a command line run; callers passing argv keep their process
     _reexec_with_huge_pages(args)
@@ -389,8 +405,9 @@ def main(argv=None):
   for c in comparisons:
     memory = ("" if c["temp_ratio"] is None
               else f", {c['temp_ratio']:.3f}x the temporary memory")
-    print(f"# {c['kind']} vs {c['baseline']} at {c['length']}: {c['speedup']:.2f}x faster "
-          f"(wall), {c['cpu_time_ratio']:.2f}x less CPU time{memory}")
+    print(f"# {c['kind']} vs {c['baseline']} at {c['length']}: "
+          f"{ratio_words(c['speedup'], 'faster', 'slower')} (wall), "
+          f"{ratio_words(c['cpu_time_ratio'], 'less', 'more')} CPU time{memory}")
   for kind, growth in memory_growth(rows).items():
     if not growth:
       continue

@@ -60,4 +60,5 @@ def get_config(arg=None):
   config.eval_batches = 50
   config.checkpoint_every = 5000
   config.keep_checkpoints = 3
+  config.skip_nonfinite_updates = False  # True: skip a non-finite update and go on
   return config

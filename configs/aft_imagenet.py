@@ -109,4 +109,5 @@ def get_config(arg=None):
   config.eval_every = 5000
   config.checkpoint_every = 5000
   config.keep_checkpoints = 3
+  config.skip_nonfinite_updates = False  # True: skip a non-finite update and go on
   return config

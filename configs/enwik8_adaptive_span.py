@@ -30,7 +30,7 @@ The all-attention script then fine-tunes with lr 0.007 to 480k steps (run again 
 order with the caches, batch 8 (the authors' `--full-eval-mode --batch-sz 8`).
 """
 
-from zoo.config import overridable, parse_arg
+from zoo.config import did_you_mean, key_first, overridable, parse_arg
 
 # The authors' scripts (facebookresearch/adaptive-span/experiments/*.sh).
 MODELS = {
@@ -55,15 +55,14 @@ _ARGS = dict(model="enwik8_small", batch_size=64, lr=0.07, dtype="float32")
 
 
 def get_config(arg=None):
-  if arg and "=" not in arg.split(",")[0]:
-    first, _, rest = arg.partition(",")
-    arg = f"model={first}" + (f",{rest}" if rest else "")
-  arg = parse_arg(arg, **_ARGS)
+  arg = parse_arg(key_first(arg, "model"), **_ARGS)
   unknown = sorted(set(arg) - set(_ARGS))
   if unknown:
-    raise ValueError(f"unknown config argument(s) {unknown}; accepted: {sorted(_ARGS)}")
+    raise ValueError(f"unknown config argument(s) {unknown}{did_you_mean(unknown, _ARGS)}; "
+                     f"accepted: {sorted(_ARGS)}")
   if arg.model not in MODELS:
-    raise ValueError(f"model must be one of {sorted(MODELS)}, got {arg.model!r}")
+    raise ValueError(f"model must be one of {sorted(MODELS)}, got {arg.model!r}"
+                     f"{did_you_mean([arg.model], MODELS)}")
   m = MODELS[arg.model]
 
   config = parse_arg(None)

@@ -67,8 +67,9 @@ def get_config(arg=None):
   config.trim_every = 50  # recompute the static trimmed windows every 50 steps (the segment_lm task in zoo/training/tasks.py)
 
   config.log_every = 50
-  config.eval_every = 0  # eval.py runs the whole test split in order with the caches
+  config.eval_every = 0  # only at the end (eval_batches); eval.py reads the whole test split
   config.eval_batches = 20
   config.checkpoint_every = 200
   config.keep_checkpoints = 3
+  config.skip_nonfinite_updates = False  # True: skip a non-finite update and go on
   return config

@@ -1,7 +1,7 @@
 """A byte-level causal LM on the embedded corpus: the Python standard library's sources.
 
     python train.py --config configs/lm_bytes.py --workdir workdirs/lm_relu
-    python eval.py  --config configs/lm_bytes.py --workdir workdirs/lm_relu
+    python eval.py  --workdir workdirs/lm_relu   # the config train.py wrote there
     python train.py --config configs/lm_bytes.py:attention=softmax --workdir workdirs/lm_softmax
 
 Point `data.source_dir` at any folder of text files to train on your own corpus
@@ -14,8 +14,10 @@ _ARGS = dict(attention="relu", total_steps=1500, batch_size=16, seq_len=128, wid
              depth=3, num_heads=4, lr=2e-3, dtype="float32")
 
 
-def get_config(arg=None):
-  arg = parse_arg(arg, **_ARGS)
+def get_config(arg=None, **defaults):
+  """The config for the argument string `arg`; `defaults` replace those of `_ARGS`
+  (configs/tests/tiny_lm.py)."""
+  arg = parse_arg(arg, **{**_ARGS, **defaults})
   config = parse_arg(None)
   config.seed = 0
   config.task = "lm"
@@ -48,4 +50,5 @@ def get_config(arg=None):
   config.eval_batches = 50  # periodic eval on a prefix of the validation split; eval.py runs all
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
+  config.skip_nonfinite_updates = False  # True: skip a non-finite update and go on
   return config

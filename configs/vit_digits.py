@@ -14,13 +14,17 @@ from zoo.config import attention_options_from_arg, overridable, parse_arg
 _ARGS = dict(attention="relu", total_steps=1500, batch_size=128, lr=1e-3, dtype="float32")
 
 
-def get_config(arg=None):
-  arg = parse_arg(arg, **_ARGS)
+def get_config(arg=None, **defaults):
+  """The config for the argument string `arg`; `defaults` replace those of `_ARGS`
+  (configs/tests/tiny_vit.py)."""
+  arg = parse_arg(arg, **{**_ARGS, **defaults})
   config = parse_arg(None)
   config.seed = 0
   config.task = "classification"
 
-  config.data = dict(name="digits", data_dir=overridable(None, str))
+  # `download` lets TFDS download and prepare another dataset (`data.name`) that is not
+  # prepared in `data_dir` yet; digits is built from local files either way.
+  config.data = dict(name="digits", data_dir=overridable(None, str), download=False)
 
   config.model = dict(
       name="vit",
@@ -48,4 +52,5 @@ def get_config(arg=None):
   config.eval_every = 500
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
+  config.skip_nonfinite_updates = False  # True: skip a non-finite update and go on
   return config

@@ -135,8 +135,9 @@ def test_bad_configs_fail_with_clear_messages(tmp_path, data_dir):
     cfg = _vit_config(data_dir)
     cfg.optimizer.warmup_steps = 100
     training.train(cfg, str(tmp_path / "w"), progress=False)
-  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+  with pytest.raises(training.UserError, match="no checkpoint"):
     training.restore_model(_vit_config(data_dir), str(tmp_path / "empty"))
+  assert not (tmp_path / "empty").exists()  # reading creates nothing
 
 
 def _run(script, *args, cwd=REPO):

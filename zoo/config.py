@@ -9,7 +9,8 @@ them, e.g. into the chosen attention's options.
 from __future__ import annotations
 
 import ast
-from typing import Any
+import difflib
+from typing import Any, Iterable
 
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -37,6 +38,33 @@ def _cast(text: str, default: Any, key: str) -> Any:
     return type(default)(text)
   except ValueError:
     raise ValueError(f"config argument {key}={text!r} must be a {type(default).__name__}") from None
+
+
+def _initials(name: str) -> str:
+  return "".join(word[0] for word in name.split("_") if word)
+
+
+def nearest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+  """The candidates a misspelt `name` most likely meant: close spellings (difflib) and
+  abbreviations by initials (`learning_rate` -> `lr`, `lr` -> `learning_rate`)."""
+  candidates = sorted(set(candidates))
+  abbreviations = [c for c in candidates if len(c) > 1 and (
+      c == _initials(name) or name == _initials(c))]
+  scores = {c: difflib.SequenceMatcher(None, name, c).ratio() for c in candidates}
+  best = max(scores.values(), default=0.0)
+  close = sorted((c for c, r in scores.items() if r >= max(0.6, best - 0.1)),
+                 key=lambda c: -scores[c])
+  return list(dict.fromkeys(abbreviations + close))[:n]
+
+
+def did_you_mean(names: Iterable[str], candidates: Iterable[str]) -> str:
+  """' (did you mean 'x'?)' for the first of `names` that has a near candidate, else ''."""
+  candidates = list(candidates)
+  for name in names:
+    close = nearest(name, candidates)
+    if close:
+      return f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+  return ""
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -86,8 +114,9 @@ def attention_options_from_arg(name: str, arg: ml_collections.ConfigDict, used: 
   unknown = set(extra) - set(options)
   if unknown:
     where = " in transformer_seq" if cached else ""
-    raise ValueError(f"unknown config argument(s) {sorted(unknown)}: neither a config key "
-                     f"({sorted(used)}) nor an option of attention {name!r}{where} "
+    hint = did_you_mean(sorted(unknown), set(used) | set(options))
+    raise ValueError(f"unknown config argument(s) {sorted(unknown)}{hint}: neither a config "
+                     f"key ({sorted(used)}) nor an option of attention {name!r}{where} "
                      f"({sorted(options)})")
   options.update(extra)
   return {k: overridable(v) for k, v in options.items()}

@@ -48,6 +48,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from zoo.data.local_builder import LocalFilesMessages
+
 SPLITS = ("train", "validation", "test")
 SEPARATOR = 0  # Byte placed before every file in the stream.
 DEFAULT_GLOB = "**/*.py"
@@ -117,7 +119,7 @@ def make_config(source_dir: str | None = None,
       description=f"Files {glob!r} under {source_dir!r}.")
 
 
-class ByteText(tfds.core.GeneratorBasedBuilder):
+class ByteText(LocalFilesMessages, tfds.core.GeneratorBasedBuilder):
   """Raw bytes of local text files with a per-file hashed 90/5/5 split."""
 
   VERSION = tfds.core.Version("1.0.0")

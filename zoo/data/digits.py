@@ -37,6 +37,8 @@ import numpy as np
 from sklearn import datasets, model_selection
 import tensorflow_datasets as tfds
 
+from zoo.data.local_builder import LocalFilesMessages
+
 NUM_TRAIN = 1437
 NUM_TEST = 360
 SPLIT_SEED = 0
@@ -58,7 +60,7 @@ def split_indices() -> dict[str, np.ndarray]:
   return {"train": np.sort(train), "test": np.sort(test)}
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+class Digits(LocalFilesMessages, tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 8x8 handwritten digits (1437 train / 360 test)."""
 
   VERSION = tfds.core.Version("1.0.0")

@@ -30,6 +30,7 @@ from tensorflow_datasets.core.utils import gcs_utils
 
 from zoo.data import byte_text
 from zoo.data import digits
+from zoo.data import local_builder
 
 # tfds 4.9.10 already defaults to this; we rely on it: `tfds.builder` must
 # never look for prepared data or dataset_info on gs://tfds-data.
@@ -75,10 +76,11 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
                                  file_format=_FILE_FORMAT)
   else:
     return _get_tfds_builder(name, data_dir, data_config.get("download", False))
-  if not builder.is_prepared():
-    builder.download_and_prepare(
-        file_format=_FILE_FORMAT,
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  if not local_builder.is_prepared(builder):
+    with local_builder.progress_bars_on_terminal_only():
+      builder.download_and_prepare(
+          file_format=_FILE_FORMAT,
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
 
 
@@ -115,8 +117,8 @@ def _get_tfds_builder(name: str, data_dir: str | None, download: bool):
         "access:\n"
         f"  tfds build {name} --data_dir={os.fspath(builder.data_dir_root)} "
         f"--file_format={_FILE_FORMAT}\n"
-        "(then copy the directory over if needed), or set "
-        "data_config.download = True to download and prepare it here.")
+        "(then copy the directory over if needed), or set data.download = True "
+        "(--config.data.download=True) to download and prepare it here.")
   _alias_importlib_resources()
   builder.download_and_prepare(file_format=_FILE_FORMAT)
   return builder

@@ -2,5 +2,7 @@
 
 from zoo.training.trainer import (NonFiniteLossError, evaluate, restore_model, train,
                                   validate_config)
+from zoo.training.workdir import UserError
 
-__all__ = ["NonFiniteLossError", "evaluate", "restore_model", "train", "validate_config"]
+__all__ = ["NonFiniteLossError", "UserError", "evaluate", "restore_model", "train",
+           "validate_config"]

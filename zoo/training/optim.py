@@ -31,6 +31,34 @@ def _name(cfg: Mapping[str, Any]) -> str:
   return name
 
 
+def _check_warmup(warmup: int, total_steps: int) -> None:
+  """AdamW's cosine schedule needs warm-up to end before the last step. Warm-up is a fixed
+  step count (not scaled with total_steps), so a shorter run names the override to give."""
+  if warmup >= total_steps:
+    raise ValueError(
+        f"config.optimizer.warmup_steps ({warmup}) must be below config.total_steps "
+        f"({total_steps}): add --config.optimizer.warmup_steps={total_steps // 10} "
+        f"(any value below {total_steps}; 0 for none)")
+
+
+def validate(cfg: Mapping[str, Any], total_steps: int) -> None:
+  """Checks `config.optimizer` against `total_steps` before anything is built or written."""
+  name = _name(cfg)
+  if "lr" not in cfg:
+    raise ValueError("config.optimizer.lr is required")
+  if float(cfg["lr"]) <= 0:
+    raise ValueError(f"config.optimizer.lr must be > 0, got {cfg['lr']}")
+  if name == "adagrad":
+    unknown = sorted(set(cfg) - set(_ADAGRAD_KEYS))
+    if unknown:
+      raise ValueError(f"config.optimizer key(s) {unknown} do not apply to adagrad; it takes "
+                       f"{list(_ADAGRAD_KEYS)}")
+    if float(cfg.get("grad_clip", 0.0)) < 0:
+      raise ValueError(f"config.optimizer.grad_clip must be >= 0, got {cfg['grad_clip']}")
+  else:
+    _check_warmup(int(cfg.get("warmup_steps", 0)), int(total_steps))
+
+
 def linear_warmup(lr: float, warmup_steps: int) -> optax.Schedule:
   """The authors' LambdaLR: update i (0-based) uses lr * min(1, (i + 1) / warmup_steps).
 
@@ -48,8 +76,7 @@ def learning_rate_schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Sc
   if _name(cfg) == "adagrad":
     return linear_warmup(float(cfg["lr"]), int(cfg.get("warmup_steps", 0)))
   warmup = int(cfg.get("warmup_steps", 0))
-  if warmup >= total_steps:
-    raise ValueError(f"optimizer.warmup_steps ({warmup}) must be below total_steps ({total_steps})")
+  _check_warmup(warmup, total_steps)
   peak = float(cfg["lr"])
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total_steps,
@@ -111,21 +138,10 @@ def adagrad_per_tensor_clip(learning_rate: float | Callable[[jax.Array], jax.Arr
 
 
 def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
-  """The optimiser `config.optimizer` names (see the module docstring)."""
-  name = _name(cfg)
-  for key in ("lr",):
-    if key not in cfg:
-      raise ValueError(f"config.optimizer.{key} is required")
-  if float(cfg["lr"]) <= 0:
-    raise ValueError(f"config.optimizer.lr must be > 0, got {cfg['lr']}")
+  """The optimiser `config.optimizer` names (see the module docstring), after `validate`."""
+  validate(cfg, total_steps)
   schedule = learning_rate_schedule(cfg, total_steps)
-  if name == "adagrad":
-    unknown = sorted(set(cfg) - set(_ADAGRAD_KEYS))
-    if unknown:
-      raise ValueError(f"config.optimizer key(s) {unknown} do not apply to adagrad; it takes "
-                       f"{list(_ADAGRAD_KEYS)}")
-    if float(cfg.get("grad_clip", 0.0)) < 0:
-      raise ValueError(f"config.optimizer.grad_clip must be >= 0, got {cfg['grad_clip']}")
+  if _name(cfg) == "adagrad":
     return adagrad_per_tensor_clip(schedule, grad_clip=float(cfg.get("grad_clip", 0.0)),
                                    eps=float(cfg.get("eps", 1e-10)))
   parts = []
