@@ -96,4 +96,5 @@ def get_config(arg=None):
   config.eval_batches = 100  # blocks per row of validation during training; eval.py: all
   config.checkpoint_every = 5000
   config.keep_checkpoints = 3
+  config.skip_nonfinite_updates = False  # True: skip a non-finite update and go on
   return config

@@ -67,6 +67,13 @@ class AttentionLayer(nnx.Module):
     self.dtype = dtype
     self.build(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
+  def per_head(self, features: int, name: str = "width") -> int:
+    """`features / num_heads`, or a ValueError when the heads do not divide `features`."""
+    if features % self.num_heads:
+      raise ValueError(f"{name} {features} must be a positive multiple of num_heads "
+                       f"{self.num_heads} ({name} / num_heads per head)")
+    return features // self.num_heads
+
   def build(self, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
     """Creates the parameters."""
     raise NotImplementedError

@@ -36,10 +36,7 @@ class MultiHeadAttention(AttentionLayer):
   Options: ClassVar[type[ProjectionOptions]] = ProjectionOptions
 
   def build(self, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
-    if self.width % self.num_heads:
-      raise ValueError(f"width {self.width} must be a positive multiple of num_heads "
-                       f"{self.num_heads} (head_dim = width / num_heads)")
-    self.head_dim = self.width // self.num_heads
+    self.head_dim = self.per_head(self.width)
     o = self.options
     kw = dict(use_bias=o.use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
               kernel_init=nnx.initializers.xavier_uniform())

@@ -20,7 +20,6 @@ unretrieved futures, "Event loop is closed" after a failed read) are kept off th
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -34,17 +33,19 @@ import orbax.checkpoint as ocp
 
 from zoo import models
 from zoo.attention import registry
+from zoo.training import workdir as workdir_lib
 from zoo.training.workdir import UserError
 
 # Model config keys that do not change the model's function or parameters.
 _NON_ARCHITECTURAL = ("dtype",)
 # Data config keys that fix the examples and their split (not where prepared data lives,
 # how many threads read it, or the batch size).
-DATA_KEYS = ("name", "source_dir", "glob", "path", "heldout_bytes", "seq_len", "block_len",
-             "image_size", "channels", "image_key", "label_key")
+# Data config keys that change where or how fast data is read, never the examples; every
+# other key (name, source_dir, glob, path, heldout_bytes, seq_len, image_size, ...) must
+# match for a resume.
+NON_IDENTITY_DATA_KEYS = ("data_dir", "download", "num_threads", "prefetch_batches", "cache")
 # Phrases of filesystem errors worth naming on their own.
-_OS_REASONS = tuple(os.strerror(e) for e in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG,
-                                               errno.EROFS, errno.EACCES, errno.EPERM))
+_OS_REASONS = tuple(os.strerror(e) for e in workdir_lib.USER_ERRNOS)
 
 
 class IteratorSnapshot:
@@ -94,11 +95,13 @@ def architecture(model_config: dict) -> dict:
 
 
 def data_identity(data_config) -> dict:
-  """The data config keys that fix the examples and their split (`DATA_KEYS`). A
-  checkpoint's meta written before they were saved holds only the dataset name."""
+  """The data config keys that fix the examples and their split (all but
+  `NON_IDENTITY_DATA_KEYS`). A checkpoint's meta written before they were saved holds
+  only the dataset name."""
   if isinstance(data_config, str):
     return {"name": data_config}
-  return {k: data_config.get(k) for k in DATA_KEYS if data_config.get(k) is not None}
+  return {k: v for k, v in dict(data_config).items()
+          if k not in NON_IDENTITY_DATA_KEYS and v is not None}
 
 
 def _flat(tree: dict, prefix: str) -> dict:
@@ -120,7 +123,7 @@ def _differences(saved: dict, current: dict) -> list[str]:
 def check_compatible(meta: dict, model_config: dict, task: str, directory: str,
                      data_config=None) -> list[str]:
   """Refuses (one-line UserError naming each differing key) a checkpoint of another model
-  (its parameters or function), task or data (`DATA_KEYS`; with `data_config` given).
+  (its parameters or function), task or data (`data_identity`; with `data_config` given).
   Returns the changes that leave the parameters alone (compute-only attention options,
   dtype), each as 'model.KEY: checkpoint X, config Y'."""
   saved_model, current_model = meta.get("model", {}), model_config

@@ -386,6 +386,7 @@ class _LossWindow:
       return True
     step, loss, aux = self.pending
     self.pending = None
+    loss, aux = jax.device_get((loss, aux))  # one transfer for the step's scalars
     loss, aux = float(loss), {k: float(v) for k, v in aux.items()}
     for what, value in (("loss", loss), ("gradient norm", aux["grad_norm"])):
       if not np.isfinite(value):
@@ -646,7 +647,6 @@ def _train_loop(config, task, placement, workdir, run: _Resumed, stop_at_step, p
           status = "interrupted"
           break
       if pending is not None:  # the last checkpoint's own loss, on one more batch
-        losses.check()
         loss, aux, _, _ = run_step(step)
         losses.add(step + 1, loss, aux, 0)
         if not losses.check():

@@ -25,7 +25,7 @@ import socket
 import tensorboardX
 
 # Errors of the filesystem that the user fixes (space, permissions), not the program.
-_USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
                 errno.EFBIG)
 
 
@@ -42,7 +42,7 @@ class UserError(ValueError):
 def user_os_error(error: OSError, what: str) -> UserError | None:
   """`error` as a one-line UserError about `what` when it is the filesystem's (full,
   read-only, not permitted), else None."""
-  if error.errno not in _USER_ERRNOS:
+  if error.errno not in USER_ERRNOS:
     return None
   where = f" ({error.filename})" if error.filename else ""
   return UserError(f"{what}: {error.strerror or os.strerror(error.errno)}{where}")

@@ -275,9 +275,7 @@ class AFTConv(AFTLayer):
     if not self.causal and o.kernel_size % 2 == 0:
       raise ValueError(f"kernel_size must be odd for a centred (non-causal) conv, got "
                        f"{o.kernel_size}")
-    hidden = o.hidden_dim or self.width
-    if hidden % self.num_heads:
-      raise ValueError(f"hidden_dim {hidden} must be a multiple of num_heads {self.num_heads}")
+    self.per_head(o.hidden_dim or self.width, "hidden_dim")
     self.kernel_size, self.conv_dims, self.key_per_head = o.kernel_size, conv_dims, o.key_per_head
     super().build(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     shape = (self.num_heads,) + (o.kernel_size,) * conv_dims

@@ -92,10 +92,7 @@ class SoftAttention(AttentionLayer):
 
   def build(self, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
     width, num_heads, o = self.width, self.num_heads, self.options
-    if width % num_heads:
-      raise ValueError(f"width {width} must be a positive multiple of num_heads {num_heads} "
-                       f"(head_dim = width / num_heads)")
-    self.head_dim = d = width // num_heads
+    self.head_dim = d = self.per_head(width)
     kw = dict(use_bias=o.use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
               kernel_init=nnx.initializers.xavier_uniform())
     heads = (num_heads, d)
