@@ -9,6 +9,10 @@ either, e.g. --config.data.data_dir). The last line on stdout is one JSON object
 byte LM. The segment LM (`task: segment_lm`, configs/lm_adaptive_span.py) reads the split
 in order with its caches (the paper's full evaluation) and also reports `spans`, the
 learned span z per layer and head in tokens, printed per layer on the lines before.
+Pretrained weights without training: `python eval.py --config FILE[:ARGS]
+--config.init_from=SOURCE` (no --workdir) evaluates SOURCE (a registry name, a checkpoint
+file or a workdir; `zoo.checkpoints.load`, with `init_dont_load` and `init_strict`) in the
+config's model; its JSON line has "step": null and "init_from".
 Errors are one line `error: ...` on stderr (exit status 1); nothing is written.
 """
 
@@ -60,9 +64,22 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
   cli.initialize_distributed()
-  config, workdir = _CONFIG.value, cli.workdir()
-  cli.require_workdir(workdir)
+  config = _CONFIG.value
   from zoo import training  # pylint: disable=import-outside-toplevel  (after flag parsing)
+  if (config.get("init_from") and flags.FLAGS.workdir is None
+      and not cli.config_from_workdir()):
+    print(f"evaluating the weights of init_from={config.init_from} (pretrained, untrained "
+          f"here; pass --workdir to evaluate a trained run)", flush=True)
+    try:
+      model, record = training.pretrained_model(config)
+      metrics = training.evaluate(model, config, _SPLIT.value, progress=True)
+    except (ValueError, OSError) as e:
+      cli.fail(e)
+    print(json.dumps({"step": None, "split": _SPLIT.value, "init_from": record["source"],
+                      "sha256": record["sha256"], **metrics}), flush=True)
+    return
+  workdir = cli.workdir()
+  cli.require_workdir(workdir)
   if not cli.config_from_workdir():
     _check_against_workdir(config, workdir)
   try:

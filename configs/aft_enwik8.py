@@ -21,7 +21,8 @@ validation (`data.name="byte_file"`, `data.path=FILE`); or any folder of text wi
 this zoo's AdamW defaults scaled to the model, not a reproduction of the paper's schedule.
 """
 
-from zoo.config import attention_options_from_arg, key_first, overridable, parse_arg
+from zoo.config import (add_init_fields, attention_options_from_arg, key_first, overridable,
+                        parse_arg)
 
 VARIANTS = {"aft_local": dict(window=32), "aft_simple": {}}
 
@@ -61,4 +62,5 @@ def get_config(arg=None):
   config.checkpoint_every = 5000
   config.keep_checkpoints = 3
   config.skip_nonfinite_updates = False  # True: skip a non-finite update and go on
+  add_init_fields(config)  # init_from, init_dont_load, init_strict
   return config

@@ -44,7 +44,8 @@ validation split. Training follows the zoo's trainer (AdamW, warmup + cosine, ba
 and stochastic depth, which the paper's runs used; accuracy will fall short of Table 7.
 """
 
-from zoo.config import attention_options_from_arg, key_first, overridable, parse_arg
+from zoo.config import (add_init_fields, attention_options_from_arg, key_first, overridable,
+                        parse_arg)
 
 _TINY = dict(variant="Ti/16")
 _SMALL = dict(variant="S/16")
@@ -110,4 +111,5 @@ def get_config(arg=None):
   config.checkpoint_every = 5000
   config.keep_checkpoints = 3
   config.skip_nonfinite_updates = False  # True: skip a non-finite update and go on
+  add_init_fields(config)  # init_from, init_dont_load, init_strict
   return config

@@ -30,7 +30,7 @@ The all-attention script then fine-tunes with lr 0.007 to 480k steps (run again 
 order with the caches, batch 8 (the authors' `--full-eval-mode --batch-sz 8`).
 """
 
-from zoo.config import did_you_mean, key_first, overridable, parse_arg
+from zoo.config import add_init_fields, did_you_mean, key_first, overridable, parse_arg
 
 # The authors' scripts (facebookresearch/adaptive-span/experiments/*.sh).
 MODELS = {
@@ -97,4 +97,5 @@ def get_config(arg=None):
   config.checkpoint_every = 5000
   config.keep_checkpoints = 3
   config.skip_nonfinite_updates = False  # True: skip a non-finite update and go on
+  add_init_fields(config)  # init_from, init_dont_load, init_strict
   return config

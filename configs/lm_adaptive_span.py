@@ -20,7 +20,7 @@ Any option of the chosen attention goes in the argument string too (`ramp=16`,
 segment cache in the registry (`zoo.config.attention_option_defaults(name, cached=True)`).
 """
 
-from zoo.config import attention_options_from_arg, overridable, parse_arg
+from zoo.config import add_init_fields, attention_options_from_arg, overridable, parse_arg
 
 _ARGS = dict(attention="adaptive_span", total_steps=600, batch_size=16, block_len=64,
              max_span=512, width=128, depth=4, num_heads=4, lr=0.07, optim="adagrad",
@@ -72,4 +72,5 @@ def get_config(arg=None):
   config.checkpoint_every = 200
   config.keep_checkpoints = 3
   config.skip_nonfinite_updates = False  # True: skip a non-finite update and go on
+  add_init_fields(config)  # init_from, init_dont_load, init_strict
   return config

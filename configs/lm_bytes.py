@@ -8,7 +8,7 @@ Point `data.source_dir` at any folder of text files to train on your own corpus
 (`--config.data.source_dir=/path --config.data.glob='*.txt'`).
 """
 
-from zoo.config import attention_options_from_arg, overridable, parse_arg
+from zoo.config import add_init_fields, attention_options_from_arg, overridable, parse_arg
 
 _ARGS = dict(attention="relu", total_steps=1500, batch_size=16, seq_len=128, width=128,
              depth=3, num_heads=4, lr=2e-3, dtype="float32")
@@ -51,4 +51,5 @@ def get_config(arg=None, **defaults):
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
   config.skip_nonfinite_updates = False  # True: skip a non-finite update and go on
+  add_init_fields(config)  # init_from, init_dont_load, init_strict
   return config

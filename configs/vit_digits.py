@@ -9,7 +9,7 @@ Any option of the chosen attention can be given in the argument string
 (`zoo.config.attention_option_defaults(name)` lists them).
 """
 
-from zoo.config import attention_options_from_arg, overridable, parse_arg
+from zoo.config import add_init_fields, attention_options_from_arg, overridable, parse_arg
 
 _ARGS = dict(attention="relu", total_steps=1500, batch_size=128, lr=1e-3, dtype="float32")
 
@@ -53,4 +53,5 @@ def get_config(arg=None, **defaults):
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
   config.skip_nonfinite_updates = False  # True: skip a non-finite update and go on
+  add_init_fields(config)  # init_from, init_dont_load, init_strict
   return config

@@ -126,3 +126,26 @@ def overridable(value: Any, kind: type = object) -> Any:
   """None as a field that `--config.x=VALUE` can still set (ml_collections cannot
   override a plain None); other values as they are."""
   return placeholder(kind) if value is None else value
+
+
+def add_init_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The fields that start a run from pretrained weights when its workdir has no
+  checkpoint of its own (a resume always wins):
+
+  * `init_from`: a registry name (`python -m zoo.checkpoints list`), a checkpoint file
+    (`.npz[:subtree]`, `.safetensors`, `.pt`) or a zoo workdir; None: from scratch.
+  * `init_dont_load`: regexes of parameters to keep at initialisation (and checkpoint
+    entries to drop), comma-separated, e.g. `head/.*` for another class count.
+  * `init_strict`: refuse a checkpoint with missing, unused or mis-shaped parameters
+    (False: keep or drop them and list them), see `zoo.checkpoints.load`.
+  * `init_allow_unpinned`: download a registry entry whose publisher states no sha256.
+  * `init_vocabulary`: for the adaptive-span authors' checkpoints, their train.txt, whose
+    first-appearance token order maps their ids onto the zoo's byte ids.
+  """
+  config.init_from = placeholder(str)
+  config.init_dont_load = ""
+  config.init_strict = True
+  config.init_allow_unpinned = False
+  config.init_vocabulary = placeholder(str)
+  return config
+

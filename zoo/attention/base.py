@@ -20,6 +20,7 @@ what differs (AFT its projections, SOFT its landmarks, adaptive span its cache).
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import jax
@@ -134,8 +135,10 @@ class AttentionLayer(nnx.Module):
     of the Linear layers; families with other matrix products override)."""
     total = 0
     for path, node in nnx.iter_graph(self):
-      if isinstance(node, nnx.Param) and path[-1] == "kernel" and node[...].ndim >= 2:
-        total += node[...].size
+      if isinstance(node, nnx.Param) and path[-1] == "kernel":
+        shape = node.get_value().shape  # an array, or a ShapeDtypeStruct (nnx.eval_shape)
+        if len(shape) >= 2:
+          total += math.prod(shape)
     return 2.0 * length * total
 
 

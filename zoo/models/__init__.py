@@ -37,6 +37,18 @@ def attention_name(model_config: Mapping[str, Any]) -> str:
   return model_config.get("attention") or default
 
 
+def constructor_defaults(name: str) -> dict[str, Any]:
+  """The keyword defaults of model `name`'s constructor that a config may set (plain
+  values only: no rngs, sharding or dtypes; none for transformer_seq, whose config keys
+  are the authors' argument names)."""
+  if name == "transformer_seq":
+    return {}
+  skip = {"rngs", "sharding", "dtype", "param_dtype", "self"}
+  params = inspect.signature(MODELS[name].__init__).parameters.values()
+  return {p.name: p.default for p in params
+          if p.name not in skip and p.default is not inspect.Parameter.empty}
+
+
 def attention_runs_cached(model_config: Mapping[str, Any]) -> bool:
   """Whether the model runs its attention's layer over a segment cache (TransformerSeq)."""
   return model_config.get("name") == "transformer_seq"

@@ -61,15 +61,17 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
 class MAPHead(nnx.Module):
   """Multihead attention pooling: one learned probe attends over the tokens (softmax)."""
 
-  def __init__(self, width: int, mlp_dim: int, num_heads: int, *, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, width: int, mlp_dim: int, num_heads: int, *,
+               mlp_activation: str = "gelu_tanh", layernorm_epsilon: float = 1e-6,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.probe = nnx.Param(nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, width),
                                                              param_dtype))
     self.MultiHeadDotProductAttention_0 = SoftmaxAttention(
         width, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.LayerNorm_0 = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype,
+    self.LayerNorm_0 = nnx.LayerNorm(width, epsilon=layernorm_epsilon, dtype=dtype,
                                      param_dtype=param_dtype, rngs=rngs)
-    self.MlpBlock_0 = MlpBlock(width, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.MlpBlock_0 = MlpBlock(width, mlp_dim, activation=mlp_activation, dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     probe = jnp.tile(self.probe[...].astype(x.dtype), (x.shape[0], 1, 1))
@@ -94,6 +96,9 @@ class ViT(nnx.Module):
       `attention_options` passed to it; an unset `max_len` option (AFT-full, AFT-local) is
       the number of tokens, (image_size / patch_size) ** 2, +1 with pool_type='tok'.
     in_channels: image channels (3 for RGB, 1 for the digits).
+    mlp_activation: "gelu_tanh" (big_vision's, the default) or "gelu" (exact erf: timm,
+      DeiT, Hugging Face checkpoints).
+    layernorm_epsilon: every LayerNorm's epsilon (1e-6; Hugging Face ViTs use 1e-12).
     sharding: a `zoo.parallel.Sharding` for the blocks and attention layers (None: unsplit).
   """
 
@@ -105,6 +110,7 @@ class ViT(nnx.Module):
                mlp_dim: int | None = None, num_heads: int | None = None,
                patch_size: int | None = None, rep_size: int | bool = False,
                dropout: float = 0.0, head_zeroinit: bool = True,
+               mlp_activation: str = "gelu_tanh", layernorm_epsilon: float = 1e-6,
                sharding: Sharding | None = None, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     spec = decode_variant(variant) if variant else {}
@@ -139,10 +145,13 @@ class ViT(nnx.Module):
     self.Transformer = Encoder(width, spec["depth"], spec["mlp_dim"], spec["num_heads"],
                                attention=attention, attention_options=attention_options,
                                causal=False, dropout=dropout,
-                               max_len=num_patches + (pool_type == "tok"), sharding=sharding,
-                               **kw)
+                               max_len=num_patches + (pool_type == "tok"),
+                               mlp_activation=mlp_activation,
+                               layernorm_epsilon=layernorm_epsilon, sharding=sharding, **kw)
     if pool_type == "map":
-      self.MAPHead_0 = MAPHead(width, spec["mlp_dim"], spec["num_heads"], **kw)
+      self.MAPHead_0 = MAPHead(width, spec["mlp_dim"], spec["num_heads"],
+                               mlp_activation=mlp_activation,
+                               layernorm_epsilon=layernorm_epsilon, **kw)
     self.rep_size = int(width if rep_size is True else rep_size)
     if self.rep_size:
       self.pre_logits = nnx.Linear(width, self.rep_size, **kw)

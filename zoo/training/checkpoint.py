@@ -66,11 +66,14 @@ class IteratorSnapshot:
 
 
 def _filled(model_config: dict) -> tuple[dict, tuple[str, ...]]:
-  """The model config with the attention's options completed by their defaults, and the
-  names of its compute-only options."""
+  """The model config with the model's constructor defaults for the keys it leaves out
+  (so a checkpoint written before an argument such as `mlp_activation` existed still
+  matches), the attention's options completed by their defaults, and the names of its
+  compute-only options."""
   config = dict(model_config)
   if config.get("name") not in models.MODELS:
     return config, ()
+  config = {**models.constructor_defaults(config["name"]), **config}
   name = models.attention_name(config)
   if name not in registry.names():
     return config, ()

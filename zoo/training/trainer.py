@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -40,9 +41,11 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from zoo import checkpoints
 from zoo import models
 from zoo import parallel
 from zoo.attention import registry
@@ -103,6 +106,62 @@ def _check_knobs(config) -> None:
     raise UserError(f"config.skip_nonfinite_updates must be True or False, got {skip!r}")
 
 
+def init_dont_load(config) -> tuple[str, ...]:
+  """`config.init_dont_load` as a tuple of regexes (a string is split at commas)."""
+  value = config.get("init_dont_load") or ()
+  if isinstance(value, str):
+    value = value.split(",")
+  return tuple(str(v).strip() for v in value if str(v).strip())
+
+
+def _check_init(config) -> None:
+  """`init_from` (None or a non-empty string), `init_dont_load` (regexes) and
+  `init_strict` (a bool), checked before anything is built or written."""
+  source = config.get("init_from")
+  if source is not None and (not isinstance(source, str) or not source.strip()):
+    raise UserError(f"config.init_from must be a registry name, a checkpoint path or a "
+                    f"workdir, got {source!r}")
+  value = config.get("init_dont_load") or ()
+  if not isinstance(value, (str, list, tuple)) or not all(isinstance(v, str) for v in
+                                                          ([value] if isinstance(value, str)
+                                                           else value)):
+    raise UserError(f"config.init_dont_load must be comma-separated regexes or a list of "
+                    f"them, got {value!r}")
+  for pattern in init_dont_load(config):
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise UserError(f"config.init_dont_load: bad regex {pattern!r}: {e}") from None
+  for key in ("init_allow_unpinned", "init_strict"):
+    if not isinstance(config.get(key, True), bool):
+      raise UserError(f"config.{key} must be True or False, got {config.get(key)!r}")
+
+
+def initialize_from(config, model: nnx.Module, progress: bool = True) -> dict | None:
+  """Loads `config.init_from` into `model` (`zoo.checkpoints.load` with `init_dont_load`
+  and `init_strict`), prints what it did, and returns the record kept in the checkpoint
+  metadata; None when the config sets no `init_from`."""
+  source = config.get("init_from")
+  if not source:
+    return None
+  allow_unpinned = bool(config.get("init_allow_unpinned", False))
+  if jax.process_count() > 1 and source in checkpoints.catalog.names():
+    if jax.process_index() == 0:  # one download; the others read the cached file
+      checkpoints.catalog.fetch(source, allow_unpinned=allow_unpinned, progress=progress)
+    multihost_utils.sync_global_devices("init_from download")
+  report = checkpoints.load(source, model, dont_load=init_dont_load(config),
+                            strict=bool(config.get("init_strict", True)),
+                            allow_unpinned=allow_unpinned,
+                            progress=progress and jax.process_index() == 0,
+                            vocabulary=config.get("init_vocabulary"))
+  _say(f"init_from: {report.summary()}")
+  return {"source": source, "path": report.path, "format": report.format,
+          "sha256": report.sha256, "loaded": len(report.loaded), "kept": report.kept,
+          "ignored": report.ignored, "resampled": report.resampled,
+          "dont_load": list(init_dont_load(config)),
+          "strict": bool(config.get("init_strict", True))}
+
+
 def validate_config(config) -> None:
   """Fails early, with the offending key named, before any data or model is built and
   before anything is written."""
@@ -118,6 +177,7 @@ def validate_config(config) -> None:
     raise ValueError(f"task {config.task!r} needs model.name={task.model!r}, got "
                      f"{config.model.name!r}{which}")
   task.validate(config)
+  _check_init(config)
   optim.validate(config.optimizer, int(config.total_steps))
   _check_sequence_parallel(config)
   if int(config.total_steps) <= 0 or int(config.batch_size) <= 0:
@@ -443,6 +503,7 @@ class _Resumed:
     self.carry = task.init_carry(self.model, int(config.batch_size), placement.sharding)
     self.step = 0
     self.changes: list[str] = []
+    self.init_from: dict | None = None  # what `initialize_from` loaded, kept in the meta
 
 
 def _run_meta(config) -> dict:
@@ -472,12 +533,20 @@ def _resume(config, task, placement, workdir: str) -> _Resumed:
       raise ValueError("it holds non-finite parameters")
     _apply_state(run.model, run.optimizer, restored)
     run.carry, run.step, run.changes = task.carry_from_saved(restored), step, changes
+    run.init_from = saved_meta.get("init_from")
 
   try:
     reader.restore_newest(load, move_aside=jax.process_index() == 0, log=_warn)
   finally:
     reader.close(quiet=True)
-  return run or _Resumed(config, task, placement)
+  if run is not None:
+    if config.get("init_from"):
+      _say(f"the workdir's own checkpoint (step {run.step}) wins over "
+           f"init_from={config.init_from!r}, which is not applied")
+    return run
+  run = _Resumed(config, task, placement)
+  run.init_from = initialize_from(config, run.model)
+  return run
 
 
 def _record_config(config, workdir: str, start_step: int) -> None:
@@ -563,6 +632,8 @@ def _train_loop(config, task, placement, workdir, run: _Resumed, stop_at_step, p
                                   ("checkpoint_every", "log_every", "eval_every"))
   skip = bool(config.get("skip_nonfinite_updates", False))
   meta = _run_meta(config)
+  if run.init_from:
+    meta["init_from"] = run.init_from
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
   train_step = make_train_step(task, run.shardings, skip_nonfinite=skip)
   eval_step = make_eval_step(task)
@@ -665,6 +736,22 @@ def _train_loop(config, task, placement, workdir, run: _Resumed, stop_at_step, p
   if skip:
     result["skipped_steps"] = losses.skipped_total
   return result
+
+
+def pretrained_model(config):
+  """(model in eval mode, report record) with `config.init_from`'s weights loaded into
+  the config's model (`initialize_from`), for evaluating a pretrained checkpoint without
+  training. Raises a one-line error when the config sets no `init_from`."""
+  validate_config(config)
+  if not config.get("init_from"):
+    raise UserError("config.init_from is not set: give the checkpoint to evaluate "
+                    "(--config.init_from=NAME_OR_PATH) or a trained --workdir")
+  placement = Placement(config)
+  model = create_model(config, sharding=placement.sharding)
+  placement.put(model)
+  record = initialize_from(config, model)
+  model.eval()
+  return model, record
 
 
 def restore_model(config, workdir: str, step: int | None = None):
