@@ -1,6 +1,6 @@
-"""Input pipelines: TFDS builders (`digits`, `byte_text`) and grain iterators.
+"""Input pipelines: TFDS builders (`digits`, `mnist5k`, `byte_text`) and grain iterators.
 
-Importing this package registers the `digits` and `byte_text` TFDS builders, so
+Importing this package registers the `digits`, `mnist5k` and `byte_text` TFDS builders, so
 `tfds.builder("digits")` works too. See `zoo.data.pipeline` for the API.
 """
 

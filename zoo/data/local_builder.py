@@ -1,4 +1,4 @@
-"""What our own TFDS builders (digits, byte_text) say while they prepare their data.
+"""What our own TFDS builders (digits, mnist5k, byte_text) say while they prepare data.
 
 They read local files only, so TFDS's "Downloading and preparing dataset ..." is wrong
 for them; this mixin says that the data is being prepared from local files and where it

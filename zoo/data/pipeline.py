@@ -29,7 +29,7 @@ Where each part lives:
   zoo.data.images    image batches and their data_config keys.
   zoo.data.byte_lm   byte LM windows and segment streams.
 
-`data_config` names an image dataset (any TFDS name, or "digits") or a byte
+`data_config` names an image dataset (any TFDS name, "digits" or "mnist5k") or a byte
 stream (`STREAM_SOURCES`); `make_iterator` and `dataset_info` dispatch on it.
 Reading options for `make_iterator`: num_threads (default 4),
 prefetch_batches (default 4).

@@ -3,7 +3,7 @@
 `data_config` keys read here (an `ml_collections.ConfigDict`; a plain dict
 works too):
 
-  name:       "digits", "byte_text", "byte_file", or any TFDS name ("mnist",
+  name:       "digits", "mnist5k", "byte_text", "byte_file", or any TFDS name ("mnist",
               "cifar10", "imagenet2012", "cifar10:3.0.2", ...).
   data_dir:   TFDS data dir; None -> TFDS default (~/tensorflow_datasets or
               $TFDS_DATA_DIR).
@@ -31,12 +31,13 @@ from tensorflow_datasets.core.utils import gcs_utils
 from zoo.data import byte_text
 from zoo.data import digits
 from zoo.data import local_builder
+from zoo.data import mnist5k
 
 # tfds 4.9.10 already defaults to this; we rely on it: `tfds.builder` must
 # never look for prepared data or dataset_info on gs://tfds-data.
 gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
 
-OWN_DATASETS = ("digits", "byte_text")
+OWN_DATASETS = ("digits", "mnist5k", "byte_text")
 # The byte LM sources: `load_token_stream` reads them; every other name is an
 # image classification dataset.
 STREAM_SOURCES = ("byte_text", "byte_file")
@@ -49,7 +50,7 @@ _FILE_FORMAT = "array_record"
 def get_builder(data_config) -> tfds.core.DatasetBuilder:
   """Returns the prepared TFDS builder named by `data_config.name`.
 
-  Our own builders (digits, byte_text) are prepared in array_record format on
+  Our own builders (digits, mnist5k, byte_text) are prepared in array_record format on
   first use (no network). Any other name goes through
   `tfds.builder(name, data_dir=data_dir)` and must already be prepared in a
   random-access format (array_record), unless `data_config.download` is True.
@@ -69,6 +70,8 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
   data_dir = data_config.get("data_dir")
   if name == "digits":
     builder = digits.Digits(data_dir=data_dir, file_format=_FILE_FORMAT)
+  elif name == "mnist5k":
+    builder = mnist5k.Mnist5k(data_dir=data_dir, file_format=_FILE_FORMAT)
   elif name == "byte_text":
     config = byte_text.make_config(data_config.get("source_dir"),
                                    data_config.get("glob"))

@@ -21,6 +21,7 @@ import json
 import os
 import glob
 import socket
+import threading
 
 import tensorboardX
 
@@ -51,7 +52,7 @@ def user_os_error(error: OSError, what: str) -> UserError | None:
 def atomic_write(path: str, text: str) -> None:
   """Writes `text` to `path` through a temporary file and a rename: readers see the old
   file or the new one, never a part."""
-  tmp = f"{path}.tmp-{os.getpid()}"
+  tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"  # unique per thread too
   try:
     with open(tmp, "w") as f:
       f.write(text)
