@@ -84,13 +84,14 @@ def test_eval_a_pretrained_checkpoint_without_training(softmax_workdir):
   result = _run("eval.py", "--config", f"{TINY}:attention=softmax",
                 f"--config.init_from={softmax_workdir}")
   line = json.loads(result.stdout.strip().splitlines()[-1])
-  trained = json.loads(_run("eval.py", "--workdir", str(softmax_workdir)).stdout.strip()
-                       .splitlines()[-1])
+  config = tiny_vit.get_config("attention=softmax")
+  model, step = training.restore_model(config, str(softmax_workdir))
+  trained = training.evaluate(model, config, "test")
   assert line["step"] is None and line["init_from"] == str(softmax_workdir)
-  assert line["accuracy"] == pytest.approx(trained["accuracy"])
-  missing = _run("eval.py", "--config", f"{TINY}:attention=softmax",
-                 "--config.init_from=/nonexistent/x.npz", check=False)
-  assert missing.returncode == 1 and missing.stderr.startswith("error: no checkpoint file")
+  assert line["accuracy"] == pytest.approx(trained["accuracy"]) and step == 12
+  config.init_from = "/nonexistent/x.npz"
+  with pytest.raises(CheckpointError, match="no checkpoint file"):
+    training.pretrained_model(config)
 
 
 def test_bad_init_values_fail_before_anything_is_written(tmp_path):

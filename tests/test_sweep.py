@@ -1,7 +1,9 @@
 """Scaling sweeps: the grid helpers, sweep files and run ids, and `sweep.py` running real
 tiny runs (configs/tests/tiny_vit.py, train.py and eval.py in subprocesses).
 
-One study (`study`, built once for the module) carries the end-to-end checks: a sweep
+The default suite runs one real two-run sweep (`test_a_two_run_sweep_end_to_end`: rows,
+csv, report, then a second invocation that skips both). One study (`study`, built once
+for the module, `slow`) carries the longer end-to-end checks: a sweep
 of a run that train.py refuses, a 6-step run and a 60-step run is started as `python
 sweep.py` in a subprocess and SIGKILLed (with its children) once the 60-step run has a
 checkpoint; the same sweep then runs again in this process. From it: the failing run's
@@ -317,6 +319,7 @@ def study(tmp_path_factory, env):
           "resume_s": time.monotonic() - start}
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(study):
   bad, short, long = study["ids"]
   rows = study["rows_after_kill"]
@@ -329,6 +332,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(study):
   assert "error: config.optimizer.lr must be > 0" in log
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint(study):
   bad, short, long = study["ids"]
   assert study["outcome"]["done"] == [long] and study["outcome"]["skipped"] == [short]
@@ -340,6 +344,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(study):
   assert "done at step 60" in log
 
 
+@pytest.mark.slow
 def test_rows_hold_the_required_fields_and_the_csv(study):
   bad, short, long = study["ids"]
   rows = {r["run"]: r for r in results.load_results(str(study["out"]))}
@@ -364,6 +369,7 @@ def test_rows_hold_the_required_fields_and_the_csv(study):
   assert json.loads((study["out"] / results.SWEEP).read_text())["metric"] == "accuracy"
 
 
+@pytest.mark.slow
 def test_running_again_skips_the_finished_runs(study, capsys, reports):
   bad, short, long = study["ids"]
   out = study["out"]
@@ -385,6 +391,7 @@ def test_running_again_skips_the_finished_runs(study, capsys, reports):
   assert listed[1]["estimated_s"] > 0
 
 
+@pytest.mark.slow
 def test_editing_the_sweep_adds_and_removes_runs(study, capsys, reports):
   bad, short, long = study["ids"]
   out = study["out"]
@@ -455,3 +462,30 @@ def test_submitit_local_job_is_preempted_requeued_and_resumes(tmp_path, env):
   log = (workdir / "log.txt").read_text()
   assert "stopped at step" in log and "resuming from step" in log
   assert results.load_results(str(out)) == [row]
+
+
+def test_a_two_run_sweep_end_to_end(tmp_path, env, monkeypatch):
+  """Two 2-step runs through `sweep.py` (train.py + eval.py each), the rows, the csv and
+  the report with its plot; run again, both are skipped and nothing is started."""
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  runs = [{"arg.attention": a, "config.total_steps": 2, "config.checkpoint_every": 2,
+           "config.optimizer.warmup_steps": 0,
+           "config.eval_every": 0, "config.log_every": 1} for a in ("relu", "softmax")]
+  sweep_file = _write_sweep(tmp_path / "two.py", runs, plot={"kind": "alpha"})
+  out = tmp_path / "out"
+  assert _cli(f"--sweep={sweep_file}", f"--out={out}") == 0
+  rows = results.load_results(str(out))
+  assert [r["run"] for r in rows] == _ids(*runs)
+  for row in rows:
+    assert row["status"] == "done" and row["steps"] == 2
+    assert all(key in row for key in REQUIRED), sorted(set(REQUIRED) - set(row))
+    assert row["flops"] == 2 * row["flops_per_step"] > 0
+    assert 0 <= row["eval"]["accuracy"] <= 1
+  assert (out / "results.csv").read_text().count("\n") == 3
+  assert "## Alpha sweep" in (out / "report.md").read_text()
+  assert (out / "plots" / "alpha.png").stat().st_size > 1000
+  logs = {r: (out / "runs" / r / "log.txt").stat().st_size for r in _ids(*runs)}
+  assert _cli(f"--sweep={sweep_file}", f"--out={out}") == 0  # nothing left to do
+  assert {r: (out / "runs" / r / "log.txt").stat().st_size for r in _ids(*runs)} == logs
+  assert len(results.read_rows(str(out))) == 2
