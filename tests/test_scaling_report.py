@@ -65,5 +65,5 @@ def test_alpha_report_table_best_alpha_and_plot(tmp_path):
   assert built["best_alpha"] == {"4": 1.0}  # tiny_vit: 8x8 digits, patch 4 -> 4 tokens
   text = (tmp_path / "report.md").read_text()
   assert "| relu | 1.0 | 4 | False | False | 0.9050 (0.9000 / 0.9100) |" in text
-  assert "| softmax | - | 4 |" in text
+  assert "| softmax | - | 4 | - | - |" in text
   assert (tmp_path / "plots" / "alpha.png").stat().st_size > 1000

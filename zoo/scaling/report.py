@@ -138,14 +138,15 @@ def _alpha_rows(rows, settings, metric) -> list[dict]:
     config = sweepfile.load_config(settings["config"], row["overrides"])
     options = dict(config.model.get("attention_options") or {})
     attention = config.model.get("attention")
-    out.append({"alpha": options.get("alpha") if attention != "softmax" else None,
-                "attention": attention if attention == "softmax" else
-                options.get("activation", attention),
-                "seq_len": _tokens(config),
-                "seed": row["overrides"].get("config.seed", 0),
-                "qk_layernorm": options.get("qk_layernorm"),
-                "gate": options.get("output_gate"),
-                metric: value if value is not None else float("nan")})
+    entry = {"alpha": options.get("alpha") if attention != "softmax" else None,
+             "attention": attention if attention == "softmax" else
+             options.get("activation", attention),
+             "seq_len": _tokens(config),
+             "seed": row["overrides"].get("config.seed", 0),
+             metric: value if value is not None else float("nan")}
+    if attention != "softmax":  # the reference has no such switches: drawn in every panel
+      entry.update(qk_layernorm=options.get("qk_layernorm"), gate=options.get("output_gate"))
+    out.append(entry)
   return out
 
 
@@ -161,7 +162,7 @@ def _alpha_report(rows, settings, out_dir, metric, lower, kind) -> tuple[list[st
                                      metric=metric, lower_is_better=lower)
   groups: dict[tuple, list[float]] = {}
   for r in table_rows:
-    key = (r["attention"], r["alpha"], r["seq_len"], r["qk_layernorm"], r["gate"])
+    key = (r["attention"], r["alpha"], r["seq_len"], r.get("qk_layernorm"), r.get("gate"))
     groups.setdefault(key, []).append(r[metric])
   table = [f"| attention | alpha | tokens | qk-LN | gate | {metric}: mean (each seed) |",
            "|---|---|---|---|---|---|"]
@@ -179,7 +180,9 @@ def _alpha_report(rows, settings, out_dir, metric, lower, kind) -> tuple[list[st
     if scored:
       best[tokens] = (min(scored) if lower else max(scored))[1]
   lines = [f"- best alpha at {t} tokens: {a}" for t, a in best.items()]
-  summary = (["## Alpha sweep", ""] + table + [""] + lines + [""]
+  title = "## Ablation: accuracy against alpha per switch" if kind == "facets" else \
+      "## Alpha sweep"
+  summary = ([title, ""] + table + [""] + lines + [""]
              + [f"![{kind}]({os.path.relpath(p, out_dir)})" for p in written
                 if p.endswith(".png")])
   return summary, {"best_alpha": {str(k): v for k, v in best.items()}}
